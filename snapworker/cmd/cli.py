@@ -1,0 +1,111 @@
+"""snapworker: the operator's command line.
+
+    snapworker snapshot --host H INSTANCE_UUID IMAGE_ID [--format raw|qcow2]
+        cast a snapshot to host H's worker and follow it to the end
+    snapworker watch [--image-id ID]
+        print snapworker notifications as they arrive (JSON, one a line)
+
+Every command reads the same configuration files as the worker
+(``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
+snapshot ended active, 1 on an error notification, 2 on a timeout.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from oslo_context import context as o_context
+
+from snapworker import events
+from snapworker import notifications
+from snapworker import rpcapi
+from snapworker.conf import CONF
+
+
+def _print_event(event, out):
+    out.write(json.dumps({'event_type': event.event_type,
+                          'publisher_id': event.publisher_id,
+                          'payload': event.payload}, sort_keys=True) + '\n')
+    out.flush()
+
+
+def _context(args):
+    return o_context.RequestContext(
+        auth_token=os.environ.get('OS_AUTH_TOKEN'),
+        user_id=args.user_id, project_id=args.project_id,
+        roles=args.roles.split(',') if args.roles else [])
+
+
+def cmd_snapshot(args, out):
+    with events.Subscription(CONF, image_id=args.image_id) as sub:
+        rpcapi.SnapworkerAPI().create_snapshot(
+            _context(args), args.host, args.instance_uuid, args.image_id,
+            target_format=args.format)
+        last = None
+        for last in sub.until_finished(args.timeout):
+            _print_event(last, out)
+    if last is None or last.event_type not in (notifications.END,
+                                               notifications.ERROR):
+        sys.stderr.write(f'No outcome for image {args.image_id} within '
+                         f'{args.timeout} s\n')
+        return 2
+    return 0 if last.event_type == notifications.END else 1
+
+
+def cmd_watch(args, out):
+    with events.Subscription(CONF, image_id=args.image_id) as sub:
+        while True:
+            event = sub.wait(args.timeout)
+            if event is None:
+                return 0
+            _print_event(event, out)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog='snapworker',
+                                     description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    snap = sub.add_parser('snapshot', help='snapshot an instance now')
+    snap.add_argument('instance_uuid')
+    snap.add_argument('image_id', help='a queued Glance image to fill')
+    snap.add_argument('--host', required=True,
+                      help='compute host of the instance')
+    snap.add_argument('--format', choices=('raw', 'qcow2'),
+                      help='target format (default: as the source)')
+    snap.add_argument('--timeout', type=float, default=3600)
+    snap.add_argument('--user-id', default=os.environ.get('OS_USER_ID'))
+    snap.add_argument('--project-id',
+                      default=os.environ.get('OS_PROJECT_ID'))
+    snap.add_argument('--roles', default=os.environ.get('OS_ROLES',
+                                                        'admin,member'))
+    snap.set_defaults(func=cmd_snapshot)
+
+    watch = sub.add_parser('watch', help='print snapshot notifications')
+    watch.add_argument('--image-id')
+    watch.add_argument('--timeout', type=float, default=float('inf'),
+                       help='stop after this many seconds of silence')
+    watch.set_defaults(func=cmd_watch)
+    return parser
+
+
+def main(argv=None, out=sys.stdout):
+    argv = sys.argv[1:] if argv is None else argv
+    # oslo.config takes --config-file/--config-dir; argparse the rest.
+    conf_args, rest = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg in ('--config-file', '--config-dir'):
+            conf_args += [arg, next(it)]
+        elif arg.startswith(('--config-file=', '--config-dir=')):
+            conf_args.append(arg)
+        else:
+            rest.append(arg)
+    CONF(conf_args, project='snapworker')
+    args = _parser().parse_args(rest)
+    return args.func(args, out)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

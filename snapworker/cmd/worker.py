@@ -1,0 +1,24 @@
+"""snapworker-worker: the snapshot worker of one compute host."""
+
+import sys
+
+from oslo_log import log as logging
+from oslo_service import service
+
+from snapworker import service as worker_service
+from snapworker.conf import CONF
+
+LOG = logging.getLogger(__name__)
+
+
+def main(argv=None):
+    logging.register_options(CONF)
+    CONF(sys.argv[1:] if argv is None else argv, project='snapworker')
+    logging.setup(CONF, 'snapworker')
+    launcher = service.launch(CONF, worker_service.WorkerService(CONF),
+                              restart_method='mutate')
+    launcher.wait()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,45 @@
+"""Options of the [worker] group: RPC, admission and notifications."""
+
+from oslo_config import cfg
+
+group = cfg.OptGroup('worker', title='Snapshot worker options')
+
+opts = [
+    cfg.StrOpt('topic',
+               default='snapworker',
+               help='RPC topic the worker listens on. Each worker listens '
+                    'on this topic with ``server`` set to its ``host``, '
+                    'because a local disk can only be read on its host.'),
+    cfg.IntOpt('max_concurrent_snapshots',
+               default=2,
+               min=1,
+               help='Snapshots run at the same time on this host. Requests '
+                    'beyond this wait, in arrival order. Each running '
+                    'snapshot reads one disk and holds one upload to '
+                    'Glance, so this bounds disk and network load.'),
+    cfg.FloatOpt('progress_interval',
+                 default=5.0,
+                 min=0.0,
+                 help='Seconds between two ``snapshot.progress`` '
+                      'notifications of one snapshot.'),
+    cfg.IntOpt('active_timeout',
+               default=600,
+               min=1,
+               help='Seconds to wait, after the image data is in Glance, '
+                    'for Glance to report the image ``active``.'),
+    cfg.IntOpt('chunk_size',
+               default=4 * 1024 * 1024,
+               min=65536,
+               help='Bytes read from a disk at a time. Memory used by one '
+                    'snapshot is a small multiple of this, whatever the '
+                    'size of the disk.'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(group)
+    conf.register_opts(opts, group=group)
+
+
+def list_opts():
+    return {group: opts}

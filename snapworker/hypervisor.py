@@ -1,0 +1,131 @@
+"""The only module that talks to libvirt.
+
+The worker only ever reads from libvirt (a read-only connection): which
+domain belongs to an instance, whether it is shut off, and where its root
+disk lives. The disk location is taken from here, never from the request.
+"""
+
+import dataclasses
+import threading
+from xml.etree import ElementTree
+
+import libvirt
+
+from snapworker import exception
+
+# libvirt prints every error to stderr unless a handler is registered; the
+# worker turns the errors it cares about into SnapshotErrors instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: 'nostate',
+    libvirt.VIR_DOMAIN_RUNNING: 'running',
+    libvirt.VIR_DOMAIN_BLOCKED: 'blocked',
+    libvirt.VIR_DOMAIN_PAUSED: 'paused',
+    libvirt.VIR_DOMAIN_SHUTDOWN: 'shutting down',
+    libvirt.VIR_DOMAIN_SHUTOFF: 'shut off',
+    libvirt.VIR_DOMAIN_CRASHED: 'crashed',
+    libvirt.VIR_DOMAIN_PMSUSPENDED: 'suspended',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RootDisk:
+    """Where an instance's root disk lives, as its domain XML says.
+
+    Examples::
+
+        RootDisk(kind='file', path='/var/lib/nova/instances/<uuid>/disk',
+                 driver_format='qcow2')
+        RootDisk(kind='block', path='/dev/nova-vg/<uuid>_disk',
+                 driver_format='raw')
+        RootDisk(kind='rbd', pool='vms', name='<uuid>_disk',
+                 driver_format='raw')
+    """
+
+    kind: str
+    driver_format: str | None = None
+    path: str | None = None
+    pool: str | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    uuid: str
+    name: str
+    state: str
+    root_disk: RootDisk | None
+
+    @property
+    def shut_off(self):
+        return self.state == 'shut off'
+
+
+def parse_root_disk(xml):
+    """The first ``<disk device='disk'>`` of a domain: Nova's root disk."""
+    tree = ElementTree.fromstring(xml)
+    for disk in tree.findall('./devices/disk'):
+        if disk.get('device', 'disk') != 'disk':
+            continue
+        driver = disk.find('driver')
+        fmt = driver.get('type') if driver is not None else None
+        source = disk.find('source')
+        if source is None:
+            continue
+        disk_type = disk.get('type')
+        if disk_type == 'file' and source.get('file'):
+            return RootDisk(kind='file', path=source.get('file'),
+                            driver_format=fmt)
+        if disk_type == 'block' and source.get('dev'):
+            return RootDisk(kind='block', path=source.get('dev'),
+                            driver_format=fmt)
+        if disk_type == 'network' and source.get('protocol') == 'rbd':
+            pool, _, name = (source.get('name') or '').partition('/')
+            return RootDisk(kind='rbd', pool=pool, name=name,
+                            driver_format=fmt)
+        return RootDisk(kind=disk_type or 'unknown', driver_format=fmt)
+    return None
+
+
+class Hypervisor:
+    """Read-only view of the domains of this host."""
+
+    def __init__(self, uri):
+        self._uri = uri
+        self._lock = threading.Lock()
+        self._conn = None
+
+    def _connection(self):
+        with self._lock:
+            if self._conn is None or not self._conn.isAlive():
+                self._conn = libvirt.openReadOnly(self._uri)
+            return self._conn
+
+    def get_domain(self, instance_uuid):
+        """The domain of an instance, with its state and root disk.
+
+        :raises InstanceNotFound: no domain has this UUID.
+        """
+        try:
+            dom = self._connection().lookupByUUIDString(instance_uuid)
+            state, _reason = dom.state()
+            xml = dom.XMLDesc(0)
+            name = dom.name()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise exception.InstanceNotFound(
+                    instance_uuid=instance_uuid) from e
+            raise
+        return Domain(uuid=instance_uuid, name=name,
+                      state=_STATE_NAMES.get(state, f'state {state}'),
+                      root_disk=parse_root_disk(xml))
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None

@@ -1,0 +1,72 @@
+"""Versioned objects that leave the worker: notification payloads.
+
+Consumers (Nova's waiting driver, operators' tooling) receive these as
+oslo.versionedobjects primitives::
+
+    {"snapworker_object.name": "SnapshotPayload",
+     "snapworker_object.namespace": "snapworker",
+     "snapworker_object.version": "1.0",
+     "snapworker_object.data": {"image_id": "...", "strategy": "stream", ...}}
+
+Bump ``VERSION`` on every change: a minor version for an added field (old
+consumers ignore it), a major one for a removed or retyped field.
+"""
+
+from oslo_versionedobjects import base
+from oslo_versionedobjects import fields
+
+
+class SnapworkerObject(base.VersionedObject):
+    OBJ_PROJECT_NAMESPACE = 'snapworker'
+    OBJ_SERIAL_NAMESPACE = 'snapworker_object'
+
+
+@base.VersionedObjectRegistry.register
+class SnapshotPayload(SnapworkerObject):
+    """What one snapshot did, as it stands at the moment of the event.
+
+    Every event of a snapshot (start, progress, source_released, end,
+    error) carries the same payload so that a consumer can follow one
+    snapshot by ``image_id`` (unique per snapshot) without keeping state.
+    """
+
+    # Version 1.0: Initial version
+    VERSION = '1.0'
+
+    fields = {
+        'request_id': fields.StringField(nullable=True),
+        'instance_uuid': fields.UUIDField(),
+        'image_id': fields.UUIDField(),
+        'host': fields.StringField(),
+        # 'clone', 'stream' or 'convert'; None until a plan is chosen.
+        'strategy': fields.StringField(nullable=True),
+        # Why this plan, in words, e.g. "qcow2 without backing file,
+        # target qcow2: the file itself is the image".
+        'plan_reason': fields.StringField(nullable=True),
+        # 'file', 'block' or 'rbd'.
+        'source_kind': fields.StringField(nullable=True),
+        'source_format': fields.StringField(nullable=True),
+        'virtual_size': fields.IntegerField(nullable=True),
+        'target_format': fields.StringField(nullable=True),
+        'bytes_read': fields.IntegerField(default=0),
+        'bytes_uploaded': fields.IntegerField(default=0),
+        # Total size of the upload when known in advance (streams know it).
+        'bytes_total': fields.IntegerField(nullable=True),
+        'scratch_bytes': fields.IntegerField(default=0),
+        'source_held_seconds': fields.FloatField(nullable=True),
+        'duration_seconds': fields.FloatField(nullable=True),
+        'image_status': fields.StringField(nullable=True),
+        'error_code': fields.StringField(nullable=True),
+        'error_message': fields.StringField(nullable=True),
+    }
+
+    def __init__(self, **kwargs):
+        """Every field is set, so every event carries the full payload."""
+        super().__init__(**kwargs)
+        for name, field in self.fields.items():
+            if self.obj_attr_is_set(name):
+                continue
+            if field.default != fields.UnspecifiedDefault:
+                self.obj_set_defaults(name)
+            else:
+                setattr(self, name, None)

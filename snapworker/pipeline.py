@@ -1,0 +1,156 @@
+"""One snapshot, from request to active image, whatever the plan.
+
+The order is fixed and every step that can refuse does so before any data
+moves: the domain (exists, shut off), the disk (from the domain XML, inside
+instances_path, a format the worker reads faithfully), the image (exists,
+queued). Then the source's cheapest plan runs, the domain is checked again
+(a guest started during the read makes the image inconsistent), and Glance
+must report the image active.
+
+Any failure ends the same way: the plan's cleanup removes what it created,
+the Glance image is deleted (as Nova's ``delete_image_on_error`` does) and a
+``snapshot.create.error`` names the cause.
+"""
+
+import time
+
+from oslo_log import log as logging
+
+from snapworker import exception
+from snapworker import sources
+from snapworker.sources import base as sources_base
+from snapworker.streams import body as streams_body
+
+LOG = logging.getLogger(__name__)
+
+
+class SnapshotJob:
+    """Runs one snapshot request; the callbacks are the API plans use."""
+
+    def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
+                 image_id, target_format, clock=time.monotonic):
+        self._conf = conf
+        self._hypervisor = hypervisor
+        self._images = images
+        self._emitter = emitter
+        self.payload = emitter.payload
+        self.instance_uuid = instance_uuid
+        self.image_id = image_id
+        self._requested_format = target_format
+        self._clock = clock
+        self._started = clock()
+        self._held_since = None
+
+    # -- the plan-facing API (see sources/base.py) --------------------------
+
+    def upload(self, body, disk_format):
+        self.payload.bytes_total = body.size
+
+        def on_progress(bytes_out):
+            self.payload.bytes_uploaded = bytes_out
+            self._emitter.progress()
+
+        counting = streams_body.CountingBody(body, on_progress)
+        self._images.upload(self.image_id, counting, body.size, disk_format)
+        self.payload.bytes_uploaded = counting.bytes_out
+
+    def register_location(self, url, validation_data=None):
+        self._images.add_location(self.image_id, url, validation_data)
+
+    def source_released(self):
+        if self.payload.source_held_seconds is not None:
+            return
+        self.payload.source_held_seconds = round(
+            self._clock() - self._held_since, 3)
+        self._emitter.source_released()
+
+    def add_bytes_read(self, n):
+        self.payload.bytes_read += n
+
+    def add_scratch_bytes(self, n):
+        self.payload.scratch_bytes += n
+
+    # -- the steps ----------------------------------------------------------
+
+    def run(self):
+        source = plan = None
+        try:
+            domain = self._shut_off_domain()
+            if domain.root_disk is None:
+                raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
+            source = sources.open_source(domain.root_disk, self._conf)
+            facts = source.inspect()
+            self._check_image_queued()
+            target_format = self._target_format(facts)
+            plan = source.plan(target_format)
+            self._describe(domain, facts, plan)
+            self._emitter.start()
+            self._held_since = self._clock()
+            plan.run(self)
+            self.source_released()
+            self._shut_off_domain(error=exception.SourceChanged)
+            image = self._images.wait_active(
+                self.image_id, self._conf.worker.active_timeout)
+            self.payload.image_status = image['status']
+            self.payload.duration_seconds = self._elapsed()
+            self._emitter.progress(force=True)
+            self._emitter.end()
+            LOG.info('Snapshot of %s into image %s done in %.2f s '
+                     '(strategy %s, %d bytes read, %d scratch bytes)',
+                     self.instance_uuid, self.image_id,
+                     self.payload.duration_seconds, plan.strategy,
+                     self.payload.bytes_read, self.payload.scratch_bytes)
+        except Exception as e:
+            self.fail(e)
+        finally:
+            if plan is not None:
+                plan.cleanup()
+            if source is not None:
+                source.close()
+
+    def fail(self, error):
+        """End the snapshot: clean up, delete the image, report the cause."""
+        if isinstance(error, exception.SnapshotError):
+            code, message = error.code, str(error)
+            LOG.warning('Snapshot of %s into image %s failed: %s',
+                        self.instance_uuid, self.image_id, message)
+        else:
+            code, message = 'InternalError', f'{type(error).__name__}: {error}'
+            LOG.exception('Snapshot of %s into image %s failed',
+                          self.instance_uuid, self.image_id)
+        self._images.delete(self.image_id)
+        self.payload.image_status = 'deleted'
+        self.payload.duration_seconds = self._elapsed()
+        self._emitter.error(code, message)
+
+    def _elapsed(self):
+        return round(self._clock() - self._started, 3)
+
+    def _shut_off_domain(self, error=exception.InstanceNotShutOff):
+        domain = self._hypervisor.get_domain(self.instance_uuid)
+        if not domain.shut_off:
+            raise error(instance_uuid=self.instance_uuid, state=domain.state)
+        return domain
+
+    def _check_image_queued(self):
+        image = self._images.get(self.image_id)
+        if image.get('status') != 'queued':
+            raise exception.ImageNotQueued(image_id=self.image_id,
+                                           status=image.get('status'))
+
+    def _target_format(self, facts):
+        fmt = self._requested_format or facts.format
+        if fmt not in sources_base.SUPPORTED_TARGET_FORMATS:
+            raise exception.UnsupportedTargetFormat(
+                target_format=fmt,
+                supported=', '.join(sources_base.SUPPORTED_TARGET_FORMATS))
+        return fmt
+
+    def _describe(self, domain, facts, plan):
+        p = self.payload
+        p.strategy = plan.strategy
+        p.plan_reason = plan.reason
+        p.source_kind = facts.kind
+        p.source_format = facts.format
+        p.virtual_size = facts.virtual_size
+        p.target_format = plan.target_format

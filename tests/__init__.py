@@ -1,0 +1,1 @@
+"""snapworker's tests: unit (no services) and functional (real services)."""

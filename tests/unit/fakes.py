@@ -1,0 +1,83 @@
+"""Doubles for the two outside systems the manager talks to.
+
+Unit tests run the real manager, pipeline, sources and streams against
+these; functional tests replace them with libvirt and Glance themselves.
+"""
+
+import threading
+
+from snapworker import exception
+from snapworker import hypervisor
+
+
+class FakeHypervisor:
+    """Domains by instance UUID, with states a test can change."""
+
+    def __init__(self):
+        self.domains = {}
+
+    def add(self, instance_uuid, state='shut off', path=None, kind='file'):
+        disk = hypervisor.RootDisk(kind=kind, path=path) if path else None
+        self.domains[instance_uuid] = hypervisor.Domain(
+            uuid=instance_uuid, name=f'instance-{instance_uuid[:8]}',
+            state=state, root_disk=disk)
+
+    def get_domain(self, instance_uuid):
+        try:
+            return self.domains[instance_uuid]
+        except KeyError:
+            raise exception.InstanceNotFound(
+                instance_uuid=instance_uuid) from None
+
+    def close(self):
+        pass
+
+
+class FakeImageService:
+    """Glance images in memory; uploads are read to the end like Glance.
+
+    ``upload_gate``, when set, makes every upload wait for it: the tests
+    use it to hold jobs running while they look at the queue.
+    """
+
+    def __init__(self):
+        self.images = {}
+        self.uploads = []
+        self.deleted = []
+        self.upload_gate = None
+        self.lock = threading.Lock()
+
+    def create(self, image_id, status='queued'):
+        self.images[image_id] = {'id': image_id, 'status': status}
+
+    def __call__(self, context):
+        return self
+
+    def get(self, image_id):
+        try:
+            return dict(self.images[image_id])
+        except KeyError:
+            raise exception.ImageNotFound(image_id=image_id) from None
+
+    def upload(self, image_id, body, size, disk_format):
+        if self.upload_gate is not None:
+            self.upload_gate.wait(10)
+        chunks = []
+        while True:
+            data = body.read(1024 * 1024)
+            if not data:
+                break
+            chunks.append(data)
+        with self.lock:
+            self.uploads.append(image_id)
+        image = self.images[image_id]
+        image.update(status='active', disk_format=disk_format,
+                     size=size, data=b''.join(chunks))
+
+    def wait_active(self, image_id, timeout):
+        return self.get(image_id)
+
+    def delete(self, image_id):
+        self.deleted.append(image_id)
+        self.images.pop(image_id, None)
+        return True

@@ -1,0 +1,250 @@
+"""The manager and pipeline over the fake:// transport.
+
+Requests are cast through the real rpcapi client to a real RPC server on
+oslo.messaging's in-process transport, and the notifications are received
+by a real notification listener on the same transport.
+"""
+
+import os
+import queue
+import subprocess
+import threading
+
+import fixtures
+import oslo_messaging as messaging
+import testtools
+from oslo_config import fixture as config_fixture
+from oslo_context import context as o_context
+from oslo_utils import uuidutils
+
+from snapworker import manager
+from snapworker import notifications
+from snapworker import rpc
+from snapworker import rpcapi
+from snapworker.conf import CONF
+from tests.unit import fakes
+
+HOST = 'compute-1'
+
+
+class _Collector:
+    def __init__(self):
+        self.events = queue.Queue()
+
+    def info(self, ctxt, publisher_id, event_type, payload, metadata):
+        self.events.put((event_type, payload['snapworker_object.data']))
+
+    error = info
+
+
+class ManagerTestCase(testtools.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.conf = self.useFixture(config_fixture.Config(CONF))
+        self.tmp = self.useFixture(fixtures.TempDir()).path
+        self.instances = os.path.join(self.tmp, 'instances')
+        self.scratch = os.path.join(self.tmp, 'scratch')
+        os.makedirs(self.instances)
+        self.conf.config(host=HOST, instances_path=self.instances,
+                         scratch_dir=self.scratch, transport_url='fake:/',
+                         # The fake driver's exchanges are process-global:
+                         # a stopped listener of an earlier test would
+                         # still take one message from a shared one.
+                         control_exchange=uuidutils.generate_uuid())
+        self.conf.config(progress_interval=0, group='worker')
+        self.hypervisor = fakes.FakeHypervisor()
+        self.images = fakes.FakeImageService()
+        self._start_messaging()
+
+    def _start_messaging(self):
+        self.transport = messaging.get_rpc_transport(CONF, 'fake:/')
+        self.notify_transport = messaging.get_notification_transport(
+            CONF, 'fake:/')
+        self.collector = _Collector()
+        listener = messaging.get_notification_listener(
+            self.notify_transport,
+            [messaging.Target(topic='notifications')],
+            [self.collector])
+        listener.start()
+        self.addCleanup(listener.wait)
+        self.addCleanup(listener.stop)
+        self.api = rpcapi.SnapworkerAPI(transport=self.transport)
+        self.context = o_context.RequestContext(
+            user_id='u', project_id='p', roles=['member'])
+        self._start_worker()
+
+    def _start_worker(self, max_concurrent=2):
+        self.conf.config(max_concurrent_snapshots=max_concurrent,
+                         group='worker')
+        notifier = notifications.get_notifier(self.notify_transport, CONF)
+        self.manager = manager.SnapshotManager(
+            CONF, notifier, hypervisor_api=self.hypervisor,
+            image_service_factory=self.images)
+        self.server = messaging.get_rpc_server(
+            self.transport,
+            messaging.Target(topic='snapworker', server=HOST),
+            [self.manager], serializer=rpc.RequestContextSerializer())
+        self.server.start()
+        self.addCleanup(self.manager.stop)
+        self.addCleanup(self.server.wait)
+        self.addCleanup(self.server.stop)
+
+    def _restart_with(self, max_concurrent):
+        self.server.stop()
+        self.server.wait()
+        self.manager.stop()
+        self._start_worker(max_concurrent)
+
+    def _disk(self, name='disk', fmt='qcow2', size='4M', backing=None):
+        path = os.path.join(self.instances, name)
+        cmd = ['qemu-img', 'create', '-q', '-f', fmt]
+        if backing:
+            cmd += ['-b', backing, '-F', 'raw']
+        subprocess.run(cmd + [path, size], check=True)
+        subprocess.run(['qemu-io', '-f', fmt, '-c', 'write -P 0x5a 0 1M',
+                        path], check=True, capture_output=True)
+        return path
+
+    def _request(self, path, state='shut off', image_status='queued',
+                 target_format=None):
+        instance, image = (uuidutils.generate_uuid(),
+                           uuidutils.generate_uuid())
+        self.hypervisor.add(instance, state=state, path=path)
+        self.images.create(image, status=image_status)
+        self.api.create_snapshot(self.context, HOST, instance, image,
+                                 target_format=target_format)
+        return instance, image
+
+    def _events_until_final(self, timeout=20):
+        events = []
+        while True:
+            event_type, payload = self.collector.events.get(timeout=timeout)
+            events.append((event_type, payload))
+            if event_type in (notifications.END, notifications.ERROR):
+                return events
+
+    def test_qcow2_without_backing_is_streamed_as_is(self):
+        path = self._disk()
+        _, image = self._request(path)
+        events = self._events_until_final()
+        types = [t for t, _ in events if t != notifications.PROGRESS]
+        self.assertEqual([notifications.START, notifications.SOURCE_RELEASED,
+                          notifications.END], types)
+        end = events[-1][1]
+        self.assertEqual('stream', end['strategy'])
+        self.assertEqual(0, end['scratch_bytes'])
+        self.assertEqual('active', end['image_status'])
+        with open(path, 'rb') as f:
+            self.assertEqual(f.read(), self.images.images[image]['data'])
+        self.assertEqual(os.path.getsize(path), end['bytes_read'])
+
+    def test_running_instance_is_refused_and_image_deleted(self):
+        path = self._disk()
+        _, image = self._request(path, state='running')
+        events = self._events_until_final()
+        self.assertEqual([notifications.ERROR], [t for t, _ in events])
+        self.assertEqual('InstanceNotShutOff', events[-1][1]['error_code'])
+        self.assertIn('running', events[-1][1]['error_message'])
+        self.assertEqual([image], self.images.deleted)
+        self.assertEqual([], self.images.uploads)
+
+    def test_disk_outside_instances_path_is_refused(self):
+        _, image = self._request('/etc/passwd')
+        events = self._events_until_final()
+        self.assertEqual('DiskOutsideInstancesPath',
+                         events[-1][1]['error_code'])
+        self.assertEqual([image], self.images.deleted)
+
+    def test_symlink_out_of_instances_path_is_refused(self):
+        link = os.path.join(self.instances, 'disk')
+        os.symlink('/etc/passwd', link)
+        self._request(link)
+        events = self._events_until_final()
+        self.assertEqual('DiskOutsideInstancesPath',
+                         events[-1][1]['error_code'])
+
+    def test_backing_file_outside_instances_path_is_refused(self):
+        outside = os.path.join(self.tmp, 'base.raw')
+        subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', outside,
+                        '4M'], check=True)
+        path = self._disk(backing=outside)
+        self._request(path)
+        events = self._events_until_final()
+        self.assertEqual('DiskOutsideInstancesPath',
+                         events[-1][1]['error_code'])
+        self.assertIn(outside, events[-1][1]['error_message'])
+
+    def test_image_not_queued_is_refused(self):
+        path = self._disk()
+        _, image = self._request(path, image_status='active')
+        events = self._events_until_final()
+        self.assertEqual('ImageNotQueued', events[-1][1]['error_code'])
+        self.assertEqual([image], self.images.deleted)
+
+    def test_unknown_instance(self):
+        image = uuidutils.generate_uuid()
+        self.images.create(image)
+        self.api.create_snapshot(self.context, HOST,
+                                 uuidutils.generate_uuid(), image)
+        events = self._events_until_final()
+        self.assertEqual('InstanceNotFound', events[-1][1]['error_code'])
+        self.assertEqual([image], self.images.deleted)
+
+    def test_unsupported_disk_format(self):
+        path = self._disk(fmt='vmdk')
+        self._request(path)
+        events = self._events_until_final()
+        self.assertEqual('UnsupportedDisk', events[-1][1]['error_code'])
+        self.assertIn('vmdk', events[-1][1]['error_message'])
+
+    def test_requests_beyond_the_limit_wait_in_order(self):
+        self._restart_with(max_concurrent=1)
+        gate = threading.Event()
+        self.images.upload_gate = gate
+        path = self._disk()
+        images = [self._request(path)[1] for _ in range(3)]
+        # Only the first job may be started while the gate is closed.
+        first = self.collector.events.get(timeout=10)
+        self.assertEqual((notifications.START, images[0]),
+                         (first[0], first[1]['image_id']))
+        self.assertRaises(queue.Empty, self.collector.events.get,
+                          timeout=0.5)
+        gate.set()
+        ends = []
+        while len(ends) < 3:
+            event_type, payload = self.collector.events.get(timeout=10)
+            if event_type == notifications.END:
+                ends.append(payload['image_id'])
+        self.assertEqual(images, ends)
+        self.assertEqual(images, self.images.uploads)
+
+    def test_stop_fails_queued_jobs_and_finishes_running_ones(self):
+        self._restart_with(max_concurrent=1)
+        gate = threading.Event()
+        self.images.upload_gate = gate
+        path = self._disk()
+        running = self._request(path)[1]
+        queued = self._request(path)[1]
+        self.assertEqual(notifications.START,
+                         self.collector.events.get(timeout=10)[0])
+        stopper = threading.Thread(target=self.manager.stop)
+        stopper.start()
+        gate.set()
+        stopper.join(10)
+        outcome = {}
+        while len(outcome) < 2:
+            event_type, payload = self.collector.events.get(timeout=10)
+            if event_type in (notifications.END, notifications.ERROR):
+                outcome[payload['image_id']] = (event_type,
+                                                payload['error_code'])
+        self.assertEqual((notifications.END, None), outcome[running])
+        self.assertEqual((notifications.ERROR, 'WorkerStopping'),
+                         outcome[queued])
+        self.assertEqual([queued], self.images.deleted)
+
+    def test_malformed_ids_are_dropped_without_io(self):
+        self.manager.create_snapshot(self.context, 'not-a-uuid', 'nope')
+        self.assertRaises(queue.Empty, self.collector.events.get,
+                          timeout=0.3)
+        self.assertEqual([], self.images.deleted)
