@@ -49,6 +49,10 @@ class UnsupportedDisk(SnapshotError):
     msg_fmt = 'Disk {path} cannot be snapshotted: {reason}.'
 
 
+class SourceReadError(SnapshotError):
+    msg_fmt = 'Reading disk {path} failed: {reason}'
+
+
 class UnsupportedTargetFormat(SnapshotError):
     msg_fmt = ('Target format {target_format} is not supported; use one of '
                '{supported}.')

@@ -40,6 +40,7 @@ class SnapshotJob:
         self._clock = clock
         self._started = clock()
         self._held_since = None
+        self._location = None
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
@@ -51,7 +52,15 @@ class SnapshotJob:
             self._emitter.progress()
 
         counting = streams_body.CountingBody(body, on_progress)
-        self._images.upload(self.image_id, counting, body.size, disk_format)
+        try:
+            self._images.upload(self.image_id, counting, body.size,
+                                disk_format)
+        except exception.SnapshotError as e:
+            if counting.read_error is None:
+                raise
+            raise exception.SourceReadError(
+                path=self._location,
+                reason=str(counting.read_error)) from e
         self.payload.bytes_uploaded = counting.bytes_out
 
     def register_location(self, url, validation_data=None):
@@ -80,6 +89,7 @@ class SnapshotJob:
                 raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
             source = sources.open_source(domain.root_disk, self._conf)
             facts = source.inspect()
+            self._location = facts.location
             self._check_image_queued()
             target_format = self._target_format(facts)
             plan = source.plan(target_format)

@@ -27,6 +27,13 @@ opts = [
                min=1,
                help='Seconds to wait, after the image data is in Glance, '
                     'for Glance to report the image ``active``.'),
+    cfg.BoolOpt('compress_qcow2',
+                default=False,
+                help='Compress qcow2 snapshots, like Nova\'s [libvirt] '
+                     'snapshot_compression. Compressed clusters cannot be '
+                     'generated in one pass, so this falls back to '
+                     '``qemu-img convert -c`` through scratch_dir: smaller '
+                     'images at the cost of a full scratch copy.'),
     cfg.IntOpt('chunk_size',
                default=4 * 1024 * 1024,
                min=65536,

@@ -13,8 +13,11 @@ import tempfile
 from oslo_log import log as logging
 
 from snapworker import exception
+from snapworker import streams
 from snapworker import utils
 from snapworker.sources import base
+from snapworker.streams import extents
+from snapworker.streams import nbd
 from snapworker.streams import passthrough
 
 LOG = logging.getLogger(__name__)
@@ -88,19 +91,51 @@ class FileSource(base.Source):
                 path=self.path, reason=f'{filename} is marked corrupt')
 
     def plan(self, target_format, store=None):
+        """Pick the plan; only compressed qcow2 output needs scratch space.
+
+        ============================  =======  ============================
+        source                        target   body
+        ============================  =======  ============================
+        qcow2, no backing file        qcow2    the file itself
+        raw                           raw      the file, holes not read
+        raw                           qcow2    generated qcow2 from the
+                                               file's SEEK_DATA map
+        qcow2 with a backing chain    qcow2    generated qcow2 from the
+                                               chain, read via qemu-nbd
+        qcow2 (any chain)             raw      the chain via qemu-nbd
+        anything, compression asked   qcow2    convert (scratch copy)
+        ============================  =======  ============================
+        """
         facts = self.facts
         chunk = self._conf.worker.chunk_size
-        if target_format == facts.format and not facts.has_backing:
+        path = facts.location
+        if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
+            return ConvertPlan(
+                target_format,
+                'compressed qcow2 requested: a single-pass stream cannot '
+                'compress, converted through scratch space',
+                facts, self._conf.scratch_dir, chunk, extra_args=('-c',))
+        if facts.format == 'qcow2' and not facts.has_backing and (
+                target_format == 'qcow2'):
             return base.StreamPlan(
                 target_format,
-                f'{facts.format} without backing file: the disk file '
-                f'itself is the image',
-                lambda: passthrough.FileStream(facts.location, chunk))
-        return ConvertPlan(
+                'qcow2 without backing file: the disk file itself is the '
+                'image',
+                lambda: passthrough.FileStream(path, chunk))
+        if facts.format == 'raw':
+            return base.StreamPlan(
+                target_format,
+                f'raw file to {target_format}: streamed from its data map, '
+                f'holes not read',
+                lambda: streams.open_stream(
+                    extents.RawFileView(path), target_format, chunk))
+        return base.StreamPlan(
             target_format,
-            f'{facts.format} with {len(facts.backing_chain)} backing '
-            f'file(s) to {target_format}: converted through scratch space',
-            facts, self._conf.scratch_dir, chunk)
+            f'qcow2 with {len(facts.backing_chain)} backing file(s) to '
+            f'{target_format}: chain flattened through a read-only '
+            f'qemu-nbd export',
+            lambda: streams.open_stream(
+                nbd.NbdChainView(path, facts.format), target_format, chunk))
 
 
 class ConvertPlan(base.Plan):

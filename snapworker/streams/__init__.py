@@ -12,3 +12,21 @@ source once, never reads a hole, and holds at most one chunk in memory.
 Nothing here talks to Glance or libvirt; the sources and the pipeline pick
 the view and the encoder.
 """
+
+from snapworker.streams import qcow2
+from snapworker.streams import raw
+
+_ENCODERS = {'raw': raw.RawStream, 'qcow2': qcow2.Qcow2Stream}
+
+
+def open_stream(view, target_format, chunk_size):
+    """The encoder of ``target_format`` over ``view``.
+
+    The view is closed if the encoder cannot be built (for example its
+    layout planning fails), so a qemu-nbd started for it never lingers.
+    """
+    try:
+        return _ENCODERS[target_format](view, chunk_size=chunk_size)
+    except BaseException:
+        view.close()
+        raise

@@ -44,6 +44,11 @@ class PieceStream(abc.ABC):
     def size(self) -> int:
         """Exact number of bytes the stream yields."""
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes actually read from the source (holes are not read)."""
+        return self.view.bytes_read
+
     @abc.abstractmethod
     def _pieces(self) -> Iterator[bytes]:
         """Yield the stream content in pieces of at most ``chunk_size``."""
@@ -128,6 +133,9 @@ class CountingBody:
         self.stream = stream
         self.on_progress = on_progress
         self.bytes_out = 0
+        #: What the source raised, if reading it failed. The HTTP stack
+        #: wraps it in a connection error; the caller reports this instead.
+        self.read_error = None
 
     @property
     def size(self) -> int:
@@ -135,7 +143,11 @@ class CountingBody:
         return self.stream.size
 
     def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
+        try:
+            data = self.stream.read(n)
+        except Exception as e:
+            self.read_error = e
+            raise
         if data:
             self.bytes_out += len(data)
             if self.on_progress is not None:

@@ -42,22 +42,23 @@ class ServicesTestCase(unittest.TestCase):
         super().setUpClass()
         cls.state_dir = tempfile.mkdtemp(prefix="snapworker-services-")
         try:
-            cls.glance = glance.start(os.path.join(cls.state_dir, "glance"))
-            cls.libvirtd = libvirtd.start(cls.state_dir)
+            cls.glance_svc = glance.start(
+                os.path.join(cls.state_dir, "glance"))
+            cls.libvirtd_svc = libvirtd.start(cls.state_dir)
         except BaseException:
             cls.tearDownClass()
             raise
 
     @classmethod
     def tearDownClass(cls):
-        for name in ("libvirtd", "glance"):
+        for name in ("libvirtd_svc", "glance_svc"):
             if hasattr(cls, name):
                 getattr(cls, name).stop()
         shutil.rmtree(cls.state_dir, ignore_errors=True)
         super().tearDownClass()
 
     def test_glance_upload_and_download(self):
-        client = self.glance.client()
+        client = self.glance_svc.client()
         data = os.urandom(3 * 1024 * 1024)
         image = client.images.create(name="services-check",
                                      disk_format="raw",
@@ -74,18 +75,18 @@ class ServicesTestCase(unittest.TestCase):
         self.assertEqual(data, b"".join(client.images.data(image.id)))
 
     def test_glance_refuses_requests_without_identity_headers(self):
-        client = glanceclient.Client("2", endpoint=self.glance.url,
+        client = glanceclient.Client("2", endpoint=self.glance_svc.url,
                                      token="unused")
         with self.assertRaises(glanceclient.exc.HTTPUnauthorized):
             list(client.images.list())
 
     def test_libvirtd_keeps_domain_across_connections(self):
-        conn = libvirt.open(self.libvirtd.uri)
+        conn = libvirt.open(self.libvirtd_svc.uri)
         self.addCleanup(conn.close)
         conn.defineXML(DOMAIN_XML)
         self.addCleanup(self._undefine, "snapworker-services-check")
 
-        other = libvirt.open(self.libvirtd.uri)
+        other = libvirt.open(self.libvirtd_svc.uri)
         self.addCleanup(other.close)
         dom = other.lookupByName("snapworker-services-check")
 
@@ -93,7 +94,7 @@ class ServicesTestCase(unittest.TestCase):
         self.assertIn("/var/lib/nova/instances/abc/disk", dom.XMLDesc())
 
     def _undefine(self, name):
-        conn = libvirt.open(self.libvirtd.uri)
+        conn = libvirt.open(self.libvirtd_svc.uri)
         try:
             conn.lookupByName(name).undefine()
         finally:

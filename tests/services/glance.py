@@ -212,7 +212,6 @@ def _write_config(state_dir, port, pipeline, rbd):
         [DEFAULT]
         enabled_backends = {backends}
         show_multiple_locations = True
-        do_secure_hash = True
         worker_self_reference_url = http://127.0.0.1:{port}
         use_stderr = True
 
