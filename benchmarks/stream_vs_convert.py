@@ -32,7 +32,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
-from snapworker.streams import nbd, qcow2, raw  # noqa: E402
+from snapworker.streams import nbd  # noqa: E402
+from snapworker.streams import qcow2  # noqa: E402
+from snapworker.streams import raw  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -10,5 +10,5 @@ import warnings
 from oslo_service import backend
 
 # eventlet is still a dependency of oslo.service; the worker never uses it.
-warnings.filterwarnings('ignore', message='.*Eventlet is deprecated.*')
+warnings.filterwarnings('ignore', message=r'(?s).*Eventlet is deprecated')
 backend.init_backend(backend.BackendType.THREADING)

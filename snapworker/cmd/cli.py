@@ -4,6 +4,9 @@
         cast a snapshot to host H's worker and follow it to the end
     snapworker watch [--image-id ID]
         print snapworker notifications as they arrive (JSON, one a line)
+    snapworker stream DISK [--format raw|qcow2] [-o FILE|-]
+        write exactly the bytes the worker would upload for DISK; the plan
+        goes to stderr as one JSON object
 
 Every command reads the same configuration files as the worker
 (``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
@@ -18,9 +21,11 @@ import sys
 from oslo_context import context as o_context
 
 from snapworker import events
+from snapworker import exception
 from snapworker import notifications
 from snapworker import rpcapi
 from snapworker.conf import CONF
+from snapworker.sources import file as file_source
 
 
 def _print_event(event, out):
@@ -62,6 +67,64 @@ def cmd_watch(args, out):
             _print_event(event, out)
 
 
+class _WriteJob:
+    """The job API of sources/base.py, writing the body to a file.
+
+    Running the worker's own plans (not a copy of their logic) is what
+    makes ``snapworker stream`` show exactly what the worker would upload.
+    """
+
+    def __init__(self, out):
+        self._out = out
+        self.bytes_read = self.bytes_out = self.scratch_bytes = 0
+
+    def upload(self, body, disk_format):
+        while True:
+            data = body.read(1024 * 1024)
+            if not data:
+                break
+            self._out.write(data)
+            self.bytes_out += len(data)
+        self._out.flush()
+
+    def add_bytes_read(self, n):
+        self.bytes_read += n
+
+    def add_scratch_bytes(self, n):
+        self.scratch_bytes += n
+
+    def source_released(self):
+        pass
+
+
+def cmd_stream(args, out):
+    disk = os.path.abspath(args.disk)
+    source = file_source.FileSource(disk, CONF,
+                                    allowed_dir=os.path.dirname(disk))
+    try:
+        facts = source.inspect()
+        plan = source.plan(args.format or facts.format)
+    except exception.SnapshotError as e:
+        sys.stderr.write(f'{e}\n')
+        return 1
+    sink = (out.buffer if args.output == '-'
+            else open(args.output, 'xb'))
+    job = _WriteJob(sink)
+    try:
+        plan.run(job)
+    finally:
+        plan.cleanup()
+        if sink is not out.buffer:
+            sink.close()
+    sys.stderr.write(json.dumps({
+        'strategy': plan.strategy, 'reason': plan.reason,
+        'source_format': facts.format, 'target_format': plan.target_format,
+        'virtual_size': facts.virtual_size, 'bytes_read': job.bytes_read,
+        'bytes_out': job.bytes_out, 'scratch_bytes': job.scratch_bytes,
+    }, sort_keys=True) + '\n')
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog='snapworker',
                                      description=__doc__.split('\n')[0])
@@ -87,6 +150,16 @@ def _parser():
     watch.add_argument('--timeout', type=float, default=float('inf'),
                        help='stop after this many seconds of silence')
     watch.set_defaults(func=cmd_watch)
+
+    stream = sub.add_parser(
+        'stream', help='write the bytes the worker would upload for a '
+                       'disk file (reads it only)')
+    stream.add_argument('disk')
+    stream.add_argument('--format', choices=('raw', 'qcow2'),
+                        help='target format (default: as the source)')
+    stream.add_argument('-o', '--output', default='-',
+                        help='new file to write, or - for stdout')
+    stream.set_defaults(func=cmd_stream)
     return parser
 
 

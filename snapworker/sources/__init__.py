@@ -1,6 +1,7 @@
 """Disk sources: one module per kind of disk, behind sources.base.Source."""
 
 from snapworker import exception
+from snapworker.sources import block as block_source
 from snapworker.sources import file as file_source
 
 
@@ -11,6 +12,9 @@ def open_source(root_disk, conf):
     """
     if root_disk.kind == 'file':
         return file_source.FileSource(root_disk.path, conf)
+    if root_disk.kind == 'block':
+        return block_source.BlockSource(root_disk.path,
+                                        root_disk.driver_format, conf)
     raise exception.UnsupportedDisk(
         path=root_disk.path or root_disk.name or '?',
         reason=f'{root_disk.kind} disks are not supported')

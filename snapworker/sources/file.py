@@ -33,17 +33,23 @@ def _inside(path, directory):
 class FileSource(base.Source):
     kind = 'file'
 
-    def __init__(self, path, conf):
+    def __init__(self, path, conf, allowed_dir=None):
+        """:param allowed_dir: where the chain may live; instances_path
+            unless an operator names a disk directly (``snapworker
+            stream``).
+        """
         self.path = path
         self._conf = conf
+        self._allowed_dir = allowed_dir or conf.instances_path
         self.facts = None
+        self._self_contained = False
 
     def _check_inside_instances_path(self, path):
         real = os.path.realpath(path)
-        if not _inside(real, self._conf.instances_path):
+        if not _inside(real, self._allowed_dir):
             raise exception.DiskOutsideInstancesPath(
                 path=path, real_path=real,
-                instances_path=self._conf.instances_path)
+                instances_path=self._allowed_dir)
         return real
 
     def _qemu_img_info(self):
@@ -60,6 +66,12 @@ class FileSource(base.Source):
         for layer in chain:
             self._check_layer(layer)
         top = chain[0]
+        # Internal snapshots would be uploaded with the file (old guest
+        # data the user did not ask to publish), and a dirty lazy-refcount
+        # image needs repair first: both are read through qemu-nbd, which
+        # exports only the active layer, never as the file itself.
+        self._self_contained = (len(chain) == 1 and not top.get('snapshots')
+                                and not top.get('dirty-flag'))
         self.facts = base.SourceFacts(
             kind=self.kind, format=top['format'],
             virtual_size=top['virtual-size'], location=real,
@@ -100,8 +112,8 @@ class FileSource(base.Source):
         raw                           raw      the file, holes not read
         raw                           qcow2    generated qcow2 from the
                                                file's SEEK_DATA map
-        qcow2 with a backing chain    qcow2    generated qcow2 from the
-                                               chain, read via qemu-nbd
+        qcow2 with a backing chain,   qcow2    generated qcow2 from the
+        internal snapshots or dirty            chain, read via qemu-nbd
         qcow2 (any chain)             raw      the chain via qemu-nbd
         anything, compression asked   qcow2    convert (scratch copy)
         ============================  =======  ============================
@@ -115,7 +127,7 @@ class FileSource(base.Source):
                 'compressed qcow2 requested: a single-pass stream cannot '
                 'compress, converted through scratch space',
                 facts, self._conf.scratch_dir, chunk, extra_args=('-c',))
-        if facts.format == 'qcow2' and not facts.has_backing and (
+        if facts.format == 'qcow2' and self._self_contained and (
                 target_format == 'qcow2'):
             return base.StreamPlan(
                 target_format,
@@ -132,7 +144,7 @@ class FileSource(base.Source):
         return base.StreamPlan(
             target_format,
             f'qcow2 with {len(facts.backing_chain)} backing file(s) to '
-            f'{target_format}: chain flattened through a read-only '
+            f'{target_format}: active layer flattened through a read-only '
             f'qemu-nbd export',
             lambda: streams.open_stream(
                 nbd.NbdChainView(path, facts.format), target_format, chunk))

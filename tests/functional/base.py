@@ -28,9 +28,9 @@ import libvirt
 import testtools
 from oslo_context import context as o_context
 
-from snapworker.conf import CONF
 from snapworker import events
 from snapworker import rpcapi
+from snapworker.conf import CONF
 from tests.services import __main__ as services_main
 from tests.services import glance as glance_service
 

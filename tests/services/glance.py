@@ -22,8 +22,10 @@ Usage::
     svc.stop()
 """
 
+import contextlib
 import dataclasses
 import os
+import sqlite3
 import textwrap
 import time
 import urllib.error
@@ -107,14 +109,16 @@ def stop_from_dict(d, timeout=15):
     services.stop_group(d["pid"], timeout)
 
 
-def start(state_dir, rbd=None, pipeline="trusted-headers", processes=2,
+def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
           timeout=60):
     """Start Glance with its config, database and stores under state_dir.
 
     rbd, if given, adds a ``ceph`` rbd store beside the default ``local``
     file store: a dict with ``ceph_conf``, ``user``, ``pool``, ``keyring``.
-    Two uWSGI processes by default, so one long upload does not block every
-    other request (status polls, a second upload). Returns a GlanceService
+    One uWSGI process by default: with several, Glance's sqlite database
+    answers concurrent writes with "database is locked" (HTTP 500) even in
+    WAL mode, because a read transaction cannot upgrade to a write after
+    another process committed. Requests queue instead. Returns a GlanceService
     once ``/versions`` answers; raises services.ServiceError otherwise.
     """
     if pipeline not in PIPELINES:
@@ -173,6 +177,12 @@ def _db_sync(state_dir, conf_path, log_path):
             os.unlink(db_path)
         raise services.ServiceError("glance-manage db_sync failed; log %s:\n%s"
                                     % (log_path, services.log_tail(log_path)))
+    # Several uWSGI processes share the file: in the default rollback
+    # journal a reader upgrading to a writer gets "database is locked" at
+    # once (HTTP 500) under concurrent requests. WAL mode, which persists
+    # in the file, lets readers and one writer proceed together.
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
 
 
 def _check_stores(log_path, offset):

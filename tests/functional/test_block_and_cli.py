@@ -1,0 +1,94 @@
+"""Block-device sources (a real loop device) and ``snapworker stream``."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from tests.functional import base
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class BlockDeviceTest(base.FunctionalTestCase):
+    """Nova's LVM backend gives a raw block device; a loop device is one."""
+
+    def _loop_device(self, backing_file):
+        dev = subprocess.run(['losetup', '--find', '--show', '--read-only',
+                              backing_file], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        self.addCleanup(subprocess.run, ['losetup', '-d', dev])
+        return dev
+
+    def test_block_device_to_raw_and_qcow2(self):
+        backing = self.make_disk('lv-backing', 'raw', size='24M',
+                                 writes=('write -P 0x66 0 2M',
+                                         'write -P 0x77 20M 1M'))
+        dev = self._loop_device(backing)
+        disk_xml = (f"<disk type='block' device='disk'>"
+                    f"<driver name='qemu' type='raw'/>"
+                    f"<source dev='{dev}'/><target dev='vda'/></disk>")
+        for target in ('raw', 'qcow2'):
+            instance, _ = self.define_domain(disk_xml=disk_xml)
+            image_id = self.create_image()
+            events = self.snapshot(instance, image_id, target)
+            end = events[-1].payload
+            self.assertEqual('snapshot.create.end', events[-1].event_type,
+                             end)
+            self.assertEqual(('block', 'stream', 0),
+                             (end['source_kind'], end['strategy'],
+                              end['scratch_bytes']))
+            stored = self.download(image_id, target)
+            self.assertTrue(base.images_identical(backing, stored))
+
+    def test_block_disk_that_is_a_regular_file_is_refused(self):
+        disk = self.make_disk('not-a-device', 'raw')
+        disk_xml = (f"<disk type='block' device='disk'>"
+                    f"<driver name='qemu' type='raw'/>"
+                    f"<source dev='{disk}'/><target dev='vda'/></disk>")
+        instance, _ = self.define_domain(disk_xml=disk_xml)
+        image_id = self.create_image()
+        events = self.snapshot(instance, image_id)
+        self.assertEqual('UnsupportedDisk', events[-1].payload['error_code'])
+        self.assertEqual('deleted', self.image_status(image_id))
+
+
+class StreamCommandTest(base.FunctionalTestCase):
+    """The diagnostic command writes what the worker would upload."""
+
+    def _stream(self, disk, *args):
+        proc = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), 'snapworker'),
+             'stream', disk, *args], capture_output=True, text=True)
+        self.assertEqual(0, proc.returncode, proc.stderr)
+        return json.loads(proc.stderr.strip().splitlines()[-1])
+
+    def test_overlay_streams_identical_and_reads_only(self):
+        base_file = self.make_disk('_base/cli', 'raw', size='32M',
+                                   writes=('write -P 0x12 0 3M',))
+        overlay = self.make_disk('cli-overlay', 'qcow2', size='32M',
+                                 backing=base_file,
+                                 writes=('write -P 0x34 2M 2M',))
+        before = (_md5(base_file), _md5(overlay))
+        for target in ('qcow2', 'raw'):
+            out = os.path.join(self.workdir, f'cli-out.{target}')
+            self.addCleanup(self._remove, out)
+            plan = self._stream(overlay, '--format', target, '-o', out)
+            self.assertEqual(('stream', 'qcow2', target, 0),
+                             (plan['strategy'], plan['source_format'],
+                              plan['target_format'], plan['scratch_bytes']))
+            self.assertEqual(os.path.getsize(out), plan['bytes_out'])
+            self.assertTrue(base.images_identical(overlay, out))
+            if target == 'qcow2':
+                info = json.loads(base.qemu_img('info', '--output=json',
+                                                out))
+                self.assertNotIn('backing-filename', info)
+                base.qemu_img('check', out)
+        self.assertEqual(before, (_md5(base_file), _md5(overlay)))
