@@ -24,6 +24,12 @@ LOG = logging.getLogger(__name__)
 
 _FINAL_FAILURE_STATES = ('killed', 'deleted', 'pending_delete')
 
+# glanceclient has two unrelated roots: HTTP errors derive from
+# ClientException, transport errors (CommunicationError, InvalidEndpoint)
+# from its own BaseException.
+_GLANCE_ERRORS = (glance_exc.ClientException, glance_exc.BaseException,
+                  ks_exc.ClientException)
+
 
 class ContextAuth(ks_plugin.BaseAuthPlugin):
     """Authenticates Glance requests as the user of a request context."""
@@ -120,7 +126,7 @@ class ImageService:
             return dict(_retrying(self._client.images.get, image_id))
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
-        except glance_exc.BaseException as e:
+        except _GLANCE_ERRORS as e:
             raise exception.GlanceError(image_id=image_id,
                                         reason=str(e)) from e
 
@@ -138,7 +144,7 @@ class ImageService:
             self._client.images.upload(image_id, body, image_size=size)
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
-        except (glance_exc.BaseException, ks_exc.ClientException) as e:
+        except _GLANCE_ERRORS as e:
             raise exception.GlanceError(image_id=image_id,
                                         reason=str(e)) from e
 
