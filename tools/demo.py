@@ -1,5 +1,10 @@
-"""The body of tools/run-demo (see there); prints one JSON line last."""
+"""The body of tools/run-demo (see there); prints one JSON line last.
 
+Options size the instance disk, so the same end-to-end run also serves the
+memory benchmark (``--size 10G``): the JSON reports the worker's peak RSS.
+"""
+
+import argparse
 import json
 import os
 import shutil
@@ -29,19 +34,41 @@ def run(*cmd):
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def make_nova_disk(instances):
-    """A qcow2 overlay on a raw base, as Nova's default image backend."""
+def make_nova_disk(instances, size, base_data):
+    """A qcow2 overlay on a raw base, as Nova's default image backend.
+
+    The base holds ``base_data`` of data; the overlay rewrites 64M of it
+    and zeroes 16M, as a guest would.
+    """
     base = os.path.join(instances, '_base', 'a1b2c3d4e5')
     disk = os.path.join(instances, str(uuid.uuid4()), 'disk')
     os.makedirs(os.path.dirname(base))
     os.makedirs(os.path.dirname(disk))
-    run('qemu-img', 'create', '-q', '-f', 'raw', base, '1G')
-    run('qemu-io', '-f', 'raw', '-c', 'write -P 0x42 0 192M', base)
+    run('qemu-img', 'create', '-q', '-f', 'raw', base, size)
+    run('qemu-io', '-f', 'raw', '-c', f'write -P 0x42 0 {base_data}', base)
     run('qemu-img', 'create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw',
-        disk, '1G')
+        disk, size)
     run('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x17 64M 64M',
         '-c', 'write -z 128M 16M', disk)
     return disk
+
+
+def peak_rss(pid):
+    """Largest VmHWM of a process and its children (oslo.service forks)."""
+    peak = 0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            with open(f'/proc/{current}/status') as f:
+                for line in f:
+                    if line.startswith('VmHWM:'):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            with open(f'/proc/{current}/task/{current}/children') as f:
+                pids += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+    return peak
 
 
 def define_domain(conn, disk):
@@ -89,8 +116,16 @@ def wait_for(text, path, proc, timeout=60):
     raise RuntimeError(f'worker did not start; see {path}')
 
 
-def main():
-    work = tempfile.mkdtemp(prefix='snapworker-demo-')
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='tools/run-demo')
+    parser.add_argument('--size', default='1G',
+                        help='virtual size of the instance disk')
+    parser.add_argument('--base-data', default='192M',
+                        help='data written into the _base file')
+    parser.add_argument('--format', choices=('raw', 'qcow2'),
+                        help='target format (default: as the disk)')
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix='snapworker-demo-', dir='/var/tmp')
     os.chmod(work, 0o755)
     state_dir = os.path.join(work, 'services')
     worker = conn = None
@@ -98,7 +133,7 @@ def main():
     try:
         state = services.up(state_dir, with_ceph=False)
         instances = os.path.join(work, 'instances')
-        disk = make_nova_disk(instances)
+        disk = make_nova_disk(instances, args.size, args.base_data)
         conn = libvirt.open(state['libvirt_uri'])
         instance_uuid = define_domain(conn, disk)
         log(f'instance {instance_uuid}: disk {disk} (qcow2 overlay on '
@@ -130,9 +165,11 @@ def main():
              'snapshot', '--host', HOST, instance_uuid, image_id,
              '--user-id', headers['X-User-Id'],
              '--project-id', headers['X-Project-Id'],
-             '--roles', 'admin,member', '--timeout', '300'],
+             '--roles', 'admin,member', '--timeout', '3600',
+             *(['--format', args.format] if args.format else [])],
             capture_output=True, text=True)
         wall = time.monotonic() - t0
+        worker_rss = peak_rss(worker.pid)
         events = [json.loads(line) for line in cli.stdout.splitlines()]
         for event in events:
             p = event['payload']
@@ -165,6 +202,7 @@ def main():
             'duration_seconds': final.get('duration_seconds'),
             'request_to_end_seconds': round(wall, 3),
             'identical': identical,
+            'worker_peak_rss_bytes': worker_rss,
             'error': final.get('error_message'),
         }
     except (RuntimeError, subprocess.CalledProcessError,

@@ -8,8 +8,6 @@ from oslo_service import service
 from snapworker import service as worker_service
 from snapworker.conf import CONF
 
-LOG = logging.getLogger(__name__)
-
 
 def main(argv=None):
     logging.register_options(CONF)

@@ -10,8 +10,6 @@ import os
 import shutil
 import tempfile
 
-from oslo_log import log as logging
-
 from snapworker import exception
 from snapworker import streams
 from snapworker import utils
@@ -19,8 +17,6 @@ from snapworker.sources import base
 from snapworker.streams import extents
 from snapworker.streams import nbd
 from snapworker.streams import passthrough
-
-LOG = logging.getLogger(__name__)
 
 _READABLE_FORMATS = ('raw', 'qcow2')
 

@@ -13,11 +13,11 @@ SIGKILL), the kernel closes the socket; qemu-nbd runs without
 """
 
 import functools
-import logging
 import os
 from collections.abc import Iterator
 
 import nbd
+from oslo_log import log as logging
 
 from snapworker.streams.extents import DiskView
 from snapworker.streams.extents import Extent
