@@ -12,6 +12,7 @@ import time
 
 import glanceclient
 from glanceclient import exc as glance_exc
+from glanceclient.common import utils as glance_utils
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 from keystoneauth1 import plugin as ks_plugin
@@ -84,7 +85,8 @@ def _service_auth():
 
 def _client(context):
     strategy = CONF.glance.auth_strategy
-    auth = ContextAuth(context, strategy, _service_auth())
+    service_auth = _service_auth() if strategy == 'keystone' else None
+    auth = ContextAuth(context, strategy, service_auth)
     session = ks_loading.load_session_from_conf_options(
         CONF, 'glance', auth=auth)
     return glanceclient.Client(
@@ -115,6 +117,7 @@ class ImageService:
     """The Glance operations a snapshot needs, with snapworker's errors."""
 
     def __init__(self, context):
+        self._context = context
         self._client = _client(context)
 
     def get(self, image_id):
@@ -131,17 +134,20 @@ class ImageService:
                                         reason=str(e)) from e
 
     def upload(self, image_id, body, size, disk_format,
-               container_format='bare'):
+               container_format='bare', store=None):
         """Set the formats, then stream ``body`` as the image data.
 
         ``body`` is read to its end by glanceclient in bounded chunks
         (chunked transfer), so memory does not depend on the image size.
+        ``store`` names the Glance store (``enabled_backends`` id) to
+        upload into; None leaves the choice to Glance (its default store).
         """
         try:
             _retrying(self._client.images.update, image_id,
                       disk_format=disk_format,
                       container_format=container_format)
-            self._client.images.upload(image_id, body, image_size=size)
+            self._client.images.upload(image_id, body, image_size=size,
+                                       backend=store)
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
         except _GLANCE_ERRORS as e:
@@ -180,3 +186,102 @@ class ImageService:
                           'snapshot', image_id)
             return False
         return True
+
+    # -- data already in a store (RBD clones) --------------------------------
+
+    def stores(self):
+        """The stores Glance offers, with their details when it tells them.
+
+        Example (details need the admin role; without it only ``id`` and
+        ``default`` are known, ``type`` and ``properties`` are missing)::
+
+            [{'id': 'local', 'default': True, 'type': 'file',
+              'properties': {'data_dir': '/var/lib/glance/images/'}},
+             {'id': 'ceph', 'default': False, 'type': 'rbd',
+              'properties': {'pool': 'images', 'fsid': '<ceph fsid>'}}]
+
+        An empty list means Glance runs without multiple stores (the
+        discovery API answers 404): nothing can be learnt from it.
+        """
+        images = self._client.images
+        try:
+            body = _retrying(images.get_stores_info_detail)
+        except (glance_exc.HTTPForbidden, glance_exc.HTTPUnauthorized):
+            LOG.debug('Glance store details need the admin role; using the '
+                      'store ids only')
+            try:
+                body = _retrying(images.get_stores_info)
+            except glance_exc.HTTPNotFound:
+                return []
+            except _GLANCE_ERRORS as e:
+                raise exception.GlanceError(image_id='-',
+                                            reason=str(e)) from e
+        except glance_exc.HTTPNotFound:
+            return []
+        except _GLANCE_ERRORS as e:
+            raise exception.GlanceError(image_id='-', reason=str(e)) from e
+        stores = []
+        for store in (body or {}).get('stores', []):
+            store = dict(store)
+            store['default'] = str(store.get('default', '')).lower() == 'true'
+            stores.append(store)
+        return stores
+
+    def location_api(self):
+        """Which API ``add_location`` will use: 'v2.17' or 'patch'.
+
+        The v2.17 API (``POST /v2/images/{id}/locations``) is the supported
+        one, but Glance lets only callers with the ``service`` role (as a
+        user role or through a service token) add a non-http location;
+        the old JSON-patch API needs ``show_multiple_locations`` on the
+        Glance side and a project member. The worker cannot see Glance's
+        configuration, so it prefers v2.17 whenever both it and the
+        service role are there.
+        """
+        roles = set(getattr(self._context, 'roles', None) or ())
+        has_service = ('service' in roles
+                       or CONF.service_user.send_service_user_token)
+        if has_service and _retrying(glance_utils.has_version,
+                                     self._client.http_client, 'v2.17'):
+            return 'v2.17'
+        return 'patch'
+
+    def add_location(self, image_id, url, validation_data=None,
+                     disk_format='raw', container_format='bare',
+                     timeout=None):
+        """Make existing store data (``rbd://...``) the data of a queued image.
+
+        Returns the API used ('v2.17' or 'patch'), once Glance references
+        the location and the image is active: the v2.17 API does the work
+        in an asynchronous task, so this waits for it (a failed task
+        leaves the image queued, which is reported as ``ImageNotActive``
+        after ``timeout`` seconds, ``[worker] active_timeout`` by default).
+        From then on Glance owns the data: deleting the image deletes it.
+
+        ``validation_data`` (``checksum``, ``os_hash_algo``,
+        ``os_hash_value``) is stored as given by the old API and checked
+        by the v2.17 task; None sends none.
+        """
+        api = self.location_api()
+        images = self._client.images
+        try:
+            _retrying(images.update, image_id, disk_format=disk_format,
+                      container_format=container_format)
+            if api == 'v2.17':
+                images.add_image_location(image_id, url,
+                                          validation_data or {})
+            else:
+                images.add_location(image_id, url, {},
+                                    validation_data=validation_data)
+        except glance_exc.HTTPNotFound as e:
+            raise exception.ImageNotFound(image_id=image_id) from e
+        except _GLANCE_ERRORS as e:
+            raise exception.GlanceError(
+                image_id=image_id,
+                reason=f'adding location ({api} API): {e}') from e
+        if timeout is None:
+            timeout = CONF.worker.active_timeout
+        self.wait_active(image_id, timeout, interval=0.2)
+        LOG.info('Image %s now references %s (%s location API)', image_id,
+                 url, api)
+        return api
