@@ -12,14 +12,16 @@ class GracefulStopTest(base.FunctionalTestCase):
     worker_conf = {'worker.max_concurrent_snapshots': '1'}
 
     def test_sigterm_finishes_running_and_fails_queued(self):
-        disk = self.make_disk('big', 'raw', size='512M',
+        # qcow2 to raw: the running job reads through a qemu-nbd process,
+        # which must be gone once the worker has stopped.
+        disk = self.make_disk('big', 'qcow2', size='512M',
                               writes=('write -P 0x5a 0 256M',))
-        instance, _ = self.define_domain(path=disk, fmt='raw')
+        instance, _ = self.define_domain(path=disk, fmt='qcow2')
         image_ids = [self.create_image() for _ in range(3)]
         with events.Subscription(CONF) as sub:
             for image_id in image_ids:
                 self.api.create_snapshot(self.context, self.worker.host,
-                                         instance, image_id)
+                                         instance, image_id, 'raw')
             first = sub.wait(30)
             self.assertEqual(('snapshot.create.start', image_ids[0]),
                              (first.event_type, first.image_id))
