@@ -4,8 +4,8 @@ import testtools
 from oslo_config import fixture as config_fixture
 from oslo_context import context as o_context
 
-from snapworker.conf import CONF
 from snapworker import glance
+from snapworker.conf import CONF
 
 
 class _ServiceAuth:
