@@ -1,0 +1,68 @@
+"""Options of the [snapworker] group in nova.conf.
+
+They configure how nova-compute hands cold snapshots to the worker of its
+own host and how long it waits for it. The worker itself is configured in
+snapworker.conf; the messaging settings the two must share are listed in
+``snapworker.nova``'s docstring.
+"""
+
+from oslo_config import cfg
+
+group = cfg.OptGroup(
+    'snapworker',
+    title='snapworker options',
+    help='Cold snapshots delegated by SnapworkerLibvirtDriver to the '
+         'snapworker-worker of this compute host.')
+
+opts = [
+    cfg.StrOpt('topic',
+               default='snapworker',
+               help='RPC topic of the workers: the worker\'s [worker] '
+                    'topic. Requests go to the worker whose host is this '
+                    'nova-compute\'s ``host``.'),
+    cfg.ListOpt('disk_types',
+                default=['qcow2', 'raw'],
+                help='Root disk types (as Nova names them: qcow2, raw, '
+                     'rbd, lvm, ploop) whose cold snapshots go to the '
+                     'worker. Others take Nova\'s own path. List only the '
+                     'types the worker of this release supports.'),
+    cfg.IntOpt('accept_timeout',
+               default=120,
+               min=1,
+               help='Seconds to wait for the worker to start a snapshot '
+                    '(``snapshot.create.start``). A worker that is not '
+                    'running never answers: the cast is dropped or waits '
+                    'in its queue. After this the snapshot fails, the '
+                    'guest is resumed and Nova deletes the image. It '
+                    'includes the time a request waits behind the '
+                    'worker\'s [worker] max_concurrent_snapshots.'),
+    cfg.IntOpt('timeout_base',
+               default=300,
+               min=1,
+               help='Seconds a started snapshot may take regardless of its '
+                    'size; see timeout_per_gib.'),
+    cfg.IntOpt('timeout_per_gib',
+               default=60,
+               min=0,
+               help='Seconds added to timeout_base per GiB of the disk\'s '
+                    'virtual size. A started snapshot that has not ended '
+                    'in time fails and Nova deletes the image.'),
+    cfg.IntOpt('status_poll_interval',
+               default=10,
+               min=1,
+               help='Seconds without a notification after which Glance is '
+                    'asked for the image status, in case a notification '
+                    'was lost: ``saving`` or ``active`` means the worker '
+                    'started or finished, a deleted image means it '
+                    'failed.'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(group)
+    conf.register_opts(opts, group=group)
+
+
+def list_opts():
+    """Entry point for oslo-config-generator (namespace snapworker.nova)."""
+    return [(group, opts)]

@@ -1,0 +1,130 @@
+"""Following one delegated snapshot until its image is active.
+
+The worker's notifications drive everything: they arrive as soon as
+something happens, so the guest is resumed the moment the worker releases
+its disk. Notifications are not guaranteed, though (a broker restart drops
+them), so when none arrive for a while Glance is asked for the image's
+status: a lost ``snapshot.create.end`` then costs one poll interval, not
+the whole timeout.
+
+Two deadlines keep an instance from being locked forever by a worker that
+is missing or stuck: the accept timeout until the worker shows it started,
+then a run timeout that grows with the disk's virtual size.
+"""
+
+import math
+import time
+
+from nova import exception as nova_exception
+
+from snapworker import notifications
+from snapworker.nova import exception
+
+_GIB = 1024 ** 3
+
+#: Glance statuses an image only reaches when its snapshot has failed
+#: (the worker, like Nova, deletes the image of a failed snapshot).
+GONE_STATUSES = ('deleted', 'killed', 'pending_delete')
+
+
+class SnapshotWaiter:
+    """Waits for the snapshot of one instance into one image.
+
+    :param subscription: an ``events.Subscription`` to the image's events,
+        made before the request was cast so that no event is missed.
+    :param image_status: callable returning the image's Glance status, or
+        ``'deleted'`` when the image no longer exists.
+    :param conf: the ``[snapworker]`` option group of nova.conf.
+    :param ids: ``instance_uuid``, ``image_id`` and ``host``, for errors.
+    :param default_size: bytes assumed for the run timeout when the worker's
+        start event (which carries the disk's virtual size) was lost.
+    """
+
+    def __init__(self, subscription, image_status, conf, ids, default_size,
+                 clock=time.monotonic):
+        self._subscription = subscription
+        self._image_status = image_status
+        self._conf = conf
+        self._ids = ids
+        self._default_size = default_size
+        self._clock = clock
+
+    def wait(self, on_started, on_released):
+        """Block until the image is active.
+
+        :param on_started: called once, when the worker has started (or
+            evidently finished) the snapshot.
+        :param on_released: called when the worker no longer needs the
+            source disk; it may be called again later.
+        :raises WorkerNotResponding: no sign of the worker within
+            ``accept_timeout``.
+        :raises SnapshotTimedOut: started but not finished in time.
+        :raises SnapshotOffloadFailed: the worker reported a failure.
+        :raises nova.exception.ImageNotFound: the image was deleted.
+        """
+        started = False
+        timeout = self._conf.accept_timeout
+        deadline = self._clock() + timeout
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                if started:
+                    raise exception.SnapshotTimedOut(timeout=timeout,
+                                                     **self._ids)
+                raise exception.WorkerNotResponding(timeout=timeout,
+                                                    **self._ids)
+            event = self._subscription.wait(
+                min(remaining, self._conf.status_poll_interval))
+            if event is None:
+                phase, payload = self._polled_phase(), {}
+            else:
+                phase, payload = self._event_phase(event)
+            if phase is None:
+                continue
+            if not started:
+                started = True
+                timeout = self._run_timeout(payload.get('virtual_size'))
+                deadline = self._clock() + timeout
+                on_started()
+            if phase == notifications.SOURCE_RELEASED:
+                on_released()
+            elif phase == notifications.END:
+                return
+
+    def _event_phase(self, event):
+        if event.event_type == notifications.ERROR:
+            raise self._failure(event.payload)
+        return event.event_type, event.payload
+
+    def _polled_phase(self):
+        """What the image's status says when the events went quiet."""
+        status = self._image_status()
+        if status == 'active':
+            return notifications.END
+        if status == 'saving':
+            return notifications.START
+        if status in GONE_STATUSES:
+            raise nova_exception.ImageNotFound(image_id=self._ids['image_id'])
+        return None
+
+    def _run_timeout(self, virtual_size):
+        size = virtual_size or self._default_size or 0
+        return (self._conf.timeout_base
+                + self._conf.timeout_per_gib * math.ceil(size / _GIB))
+
+    def _failure(self, payload):
+        """The Nova exception that makes Nova handle the failure as its own.
+
+        A deleted image and a vanished instance get the exceptions Nova's
+        own snapshot raises for them, so the compute manager takes the same
+        path (no fault for a user who deleted the image mid-way).
+        """
+        code = payload.get('error_code')
+        if code == 'ImageNotFound':
+            return nova_exception.ImageNotFound(
+                image_id=self._ids['image_id'])
+        if code == 'InstanceNotFound':
+            return nova_exception.InstanceNotFound(
+                instance_id=self._ids['instance_uuid'])
+        return exception.SnapshotOffloadFailed(
+            reason=f"{code}: {payload.get('error_message')}", **self._ids)

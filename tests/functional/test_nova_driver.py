@@ -1,0 +1,364 @@
+"""Nova's real libvirt driver, with and without snapworker, side by side.
+
+Each snapshot is taken by a child process that is a minimal nova-compute:
+it parses a nova.conf with ``nova.config.parse_args`` (Nova's exchange,
+its RPC transport), builds the driver - Nova's unmodified
+``LibvirtDriver`` or ``SnapworkerLibvirtDriver`` - on libvirtd's test
+driver, skipping only ``init_host`` (it insists on QEMU), and calls
+``snapshot()`` with an ``update_task_state`` that records what the compute
+manager would save. Nova talks to the unauthenticated Glance (Nova sends
+only a token); the class's worker uses the same Glance, Nova's exchange
+and the host name the child uses as ``CONF.host``.
+
+Why a child process: Nova and snapworker both register options on the
+global CONF, Nova's ``[DEFAULT] host`` among them. In a nova-compute,
+Nova's come first and snapworker's defer to them; in this test runner the
+other test modules import snapworker first, and Nova's own registration
+would then fail. A separate process is also what nova-compute is.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+import uuid
+
+from testtools import content
+
+from tests.functional import base
+from tests.services import glance as glance_service
+
+# nova-compute's own order: parse nova.conf (which sets Nova's messaging
+# defaults, control_exchange = nova), then load the driver.
+_CHILD = ('import sys; '
+          'import nova.monkey_patch; nova.monkey_patch.patch(); '
+          'from nova import config; '
+          'config.parse_args(["nova-compute", "--config-file", sys.argv[1]], '
+          'configure_db=False); '
+          'from tests.functional import test_nova_driver; '
+          'test_nova_driver.nova_compute_main(sys.argv[2])')
+
+_DRIVERS = {
+    'native': 'nova.virt.libvirt.driver.LibvirtDriver',
+    'snapworker': 'snapworker.nova.driver.SnapworkerLibvirtDriver',
+}
+
+# (task_state, expected_state) as Nova's own cold snapshot sets them.
+NOVA_COLD_TASK_STATES = [('image_pending_upload', None),
+                         ('image_uploading', 'image_pending_upload'),
+                         ('image_pending_upload', 'image_uploading'),
+                         ('image_uploading', 'image_pending_upload')]
+
+
+def nova_compute_main(spec_path):
+    """The child: one snapshot through Nova's driver; results as JSON."""
+    from unittest import mock
+
+    from nova import context as nova_context
+    from nova import objects
+    from nova.compute import power_state
+    from nova.network import model as network_model
+    from nova.virt import virtapi
+    from nova.virt.libvirt import driver as libvirt_driver
+    from oslo_utils import importutils
+
+    from snapworker import events
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    objects.register_all()
+    driver = importutils.import_class(_DRIVERS[spec['driver']])(
+        virtapi.VirtAPI(), read_only=False)
+    instance = objects.Instance(
+        id=1, uuid=spec['instance_uuid'], project_id=spec['project_id'],
+        user_id=spec['user_id'], image_ref=str(uuid.uuid4()),
+        kernel_id='', ramdisk_id='', os_type='linux', root_gb=1,
+        system_metadata={}, numa_topology=None,
+        info_cache=objects.InstanceInfoCache(
+            network_info=network_model.NetworkInfo()),
+        pci_devices=objects.PciDeviceList(objects=[]),
+        pci_requests=objects.InstancePCIRequests(requests=[]))
+    context = nova_context.RequestContext(
+        user_id=spec['user_id'], project_id=spec['project_id'],
+        roles=['admin', 'member', 'reader'], auth_token='unused',
+        is_admin=True)
+    timeline = []
+
+    def guest_state():
+        try:
+            guest = driver._host.get_guest(instance)
+        except Exception:
+            return 'no domain'
+        return power_state.STATE_MAP[guest.get_power_state(driver._host)]
+
+    def record(what, **extra):
+        timeline.append(dict(what=what, state=guest_state(),
+                             t=time.monotonic(), **extra))
+
+    def recording(name):
+        real = getattr(driver, name)
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            record(name)
+            return result
+        return call
+
+    def update_task_state(task_state, expected_state=None):
+        record('task_state', task_state=task_state,
+               expected_state=expected_state)
+
+    real_wait = events.Subscription.wait
+
+    def wait(self, timeout):
+        event = real_wait(self, timeout)
+        if event is not None:
+            record('event', event_type=event.event_type)
+        return event
+
+    patches = [
+        mock.patch.object(driver, name, recording(name))
+        for name in ('_suspend_guest_for_snapshot',
+                     '_resume_guest_after_snapshot')]
+    patches.append(mock.patch.object(events.Subscription, 'wait', wait))
+    if spec.get('live'):
+        # QEMU's version check is what makes Nova choose a live snapshot;
+        # the test driver is not QEMU.
+        patches.append(mock.patch.object(driver._host, 'has_min_version',
+                                         return_value=True))
+        patches.append(mock.patch.object(
+            libvirt_driver.LibvirtDriver, 'snapshot', autospec=True,
+            side_effect=lambda *a, **k: record('LibvirtDriver.snapshot')))
+    result = {'error': None}
+    for patch in patches:
+        patch.start()
+    record('begin')
+    started = time.monotonic()
+    try:
+        driver.snapshot(context, instance, spec['image_id'],
+                        update_task_state)
+    except Exception as e:
+        result['error'] = {'type': type(e).__name__, 'message': str(e),
+                           'traceback': traceback.format_exc()}
+    result['seconds'] = round(time.monotonic() - started, 3)
+    record('end')
+    result['timeline'] = timeline
+    with open(spec['result_path'], 'w') as f:
+        json.dump(result, f, indent=1)
+
+
+class NovaDriverTestCase(base.FunctionalTestCase):
+    """Snapshots through Nova's driver code, delegated and native."""
+
+    @classmethod
+    def setUpClass(cls):
+        services = base.shared_services()
+        cls.worker_conf = {
+            'control_exchange': 'nova',
+            'glance.endpoint_override': services['glance_noauth_url'],
+        }
+        super().setUpClass()
+        cls.glance = glance_service.GlanceService(
+            url=cls.services['glance_noauth_url'], state_dir='',
+            log_path='', pid=0, pipeline='noauth').client()
+
+    def nova_snapshot(self, driver, instance_uuid, image_id, host=None,
+                      live=False, **snapworker_opts):
+        """Run one ``driver.snapshot()`` in a child nova-compute."""
+        name = uuid.uuid4().hex[:8]
+        conf_path = os.path.join(self.workdir, f'nova-{name}.conf')
+        spec_path = os.path.join(self.workdir, f'spec-{name}.json')
+        result_path = os.path.join(self.workdir, f'result-{name}.json')
+        opts = {'status_poll_interval': 2, **snapworker_opts}
+        snapshots_dir = os.path.join(self.workdir, f'snapshots-{name}')
+        with open(conf_path, 'w') as f:
+            f.write(self._nova_conf(host or self.worker.host, snapshots_dir,
+                                    opts))
+        with open(spec_path, 'w') as f:
+            json.dump({'driver': driver,
+                       'instance_uuid': instance_uuid, 'image_id': image_id,
+                       'project_id': self.context.project_id,
+                       'user_id': self.context.user_id, 'live': live,
+                       'result_path': result_path}, f)
+        env = dict(os.environ, OS_NOVA_DISABLE_EVENTLET_PATCHING='1')
+        proc = subprocess.run([sys.executable, '-c', _CHILD, conf_path,
+                               spec_path],
+                              capture_output=True, text=True, env=env,
+                              cwd=os.getcwd(), timeout=240)
+        if proc.returncode or not os.path.exists(result_path):
+            self.fail(f'nova-compute child failed:\n{proc.stderr[-4000:]}')
+        with open(result_path) as f:
+            result = json.load(f)
+        result['snapshots_directory'] = snapshots_dir
+        self.addDetail(f'nova-compute-{driver}-{name}',
+                       content.text_content(json.dumps(result, indent=1)))
+        return result
+
+    def _nova_conf(self, host, snapshots_dir, snapworker_opts):
+        s = self.services
+        text = textwrap.dedent(f"""\
+            [DEFAULT]
+            host = {host}
+            transport_url = {s['transport_url']}
+            instances_path = {self.instances_path}
+            state_path = {self.workdir}/nova-state
+            [libvirt]
+            connection_uri = {s['libvirt_uri']}
+            snapshots_directory = {snapshots_dir}
+            [glance]
+            endpoint_override = {s['glance_noauth_url']}
+            num_retries = 0
+            [oslo_concurrency]
+            lock_path = {self.workdir}/locks
+            [snapworker]
+            """)
+        text += ''.join(f'{k} = {v}\n' for k, v in snapworker_opts.items())
+        return text
+
+    # -- what a snapshot looked like from Nova's side ---------------------
+
+    @staticmethod
+    def task_states(result):
+        return [(e['task_state'], e['expected_state'])
+                for e in result['timeline'] if e['what'] == 'task_state']
+
+    @staticmethod
+    def steps(result):
+        """The timeline as compact strings: what happened, guest state."""
+        out = []
+        for e in result['timeline']:
+            what = e['what']
+            if what == 'task_state':
+                what = f"task_state={e['task_state']}"
+            elif what == 'event':
+                what = e['event_type']
+            out.append(f"{what} [{e['state']}]")
+        return out
+
+    def assertImageIs(self, image_id, disk, fmt):
+        image = self.glance.images.get(image_id)
+        self.assertEqual('active', image['status'])
+        self.assertEqual(fmt, image['disk_format'])
+        self.assertEqual('snapshot', image['image_location'])
+        self.assertEqual('linux', image['os_type'])
+        self.assertTrue(base.images_identical(
+            disk, self.download(image_id, fmt)))
+
+    # -- tests ------------------------------------------------------------
+
+    def test_shut_off_instance_matches_nova(self):
+        disk = self.make_disk('shutoff.qcow2')
+        instance_uuid, _dom = self.define_domain(path=disk)
+        native_image = self.create_image()
+        native = self.nova_snapshot('native', instance_uuid, native_image)
+        image_id = self.create_image()
+
+        delegated = self.nova_snapshot('snapworker', instance_uuid, image_id)
+
+        self.assertIsNone(native['error'])
+        self.assertIsNone(delegated['error'], self.worker.log_tail())
+        self.assertEqual([('image_pending_upload', None),
+                          ('image_uploading', 'image_pending_upload')],
+                         self.task_states(delegated))
+        # Nova's own sequence has a detour (its direct_snapshot attempt,
+        # RBD only, goes to uploading and back); both end where the
+        # compute manager expects: image_uploading.
+        self.assertEqual(NOVA_COLD_TASK_STATES, self.task_states(native))
+        self.assertEqual(self.task_states(native)[-1],
+                         self.task_states(delegated)[-1])
+        self.assertEqual('shutdown', delegated['timeline'][-1]['state'])
+        self.assertImageIs(image_id, disk, 'qcow2')
+        self.assertImageIs(native_image, disk, 'qcow2')
+        # Nova's path extracts a copy into snapshots_directory (and leaves
+        # the emptied directory); the delegated one never creates it.
+        self.assertTrue(os.path.isdir(native['snapshots_directory']))
+        self.assertFalse(os.path.exists(delegated['snapshots_directory']))
+
+    def test_running_instance_resumed_when_source_released(self):
+        disk = self.make_disk('running.qcow2')
+        instance_uuid, dom = self.define_domain(path=disk, running=True)
+        native_image = self.create_image()
+        native = self.nova_snapshot('native', instance_uuid, native_image)
+        image_id = self.create_image()
+
+        delegated = self.nova_snapshot('snapworker', instance_uuid, image_id)
+
+        self.assertIsNone(native['error'])
+        self.assertIsNone(delegated['error'], self.worker.log_tail())
+        steps = self.steps(delegated)
+        self.assertEqual(
+            ['begin [running]',
+             '_suspend_guest_for_snapshot [shutdown]',
+             'task_state=image_pending_upload [shutdown]',
+             'snapshot.create.start [shutdown]',
+             'task_state=image_uploading [shutdown]',
+             'snapshot.source_released [shutdown]',
+             '_resume_guest_after_snapshot [running]'],
+            [s for s in steps if not s.startswith('snapshot.progress')][:7])
+        self.assertEqual('end [running]', steps[-1])
+        self.assertIn('snapshot.create.end [running]', steps)
+        self.assertEqual(1, dom.isActive())
+        self.assertImageIs(image_id, disk, 'qcow2')
+        self.assertEqual('end [running]', self.steps(native)[-1])
+
+    def test_worker_failure_raises_and_resumes_guest(self):
+        outside = os.path.join(self.workdir, 'outside.qcow2')
+        base.qemu_img('create', '-q', '-f', 'qcow2', outside, '16M')
+        instance_uuid, dom = self.define_domain(path=outside, running=True)
+        image_id = self.create_image()
+
+        result = self.nova_snapshot('snapworker', instance_uuid, image_id)
+
+        self.assertEqual('SnapshotOffloadFailed', result['error']['type'])
+        self.assertIn('DiskOutsideInstancesPath', result['error']['message'])
+        self.assertIn('_resume_guest_after_snapshot [running]',
+                      self.steps(result))
+        self.assertEqual(1, dom.isActive())
+        self.assertEqual('deleted', self.image_status(image_id))
+
+    def test_no_worker_fails_within_accept_timeout(self):
+        disk = self.make_disk('orphan.qcow2')
+        instance_uuid, dom = self.define_domain(path=disk, running=True)
+        image_id = self.create_image()
+
+        result = self.nova_snapshot(
+            'snapworker', instance_uuid, image_id,
+            host=f'no-worker-{uuid.uuid4().hex[:8]}', accept_timeout=3,
+            status_poll_interval=1)
+
+        self.assertEqual('WorkerNotResponding', result['error']['type'])
+        self.assertLess(result['seconds'], 3 + 2)
+        self.assertEqual([('image_pending_upload', None)],
+                         self.task_states(result))
+        self.assertEqual('end [running]', self.steps(result)[-1])
+        self.assertEqual(1, dom.isActive())
+
+    def test_live_snapshot_takes_nova_path(self):
+        disk = self.make_disk('live.qcow2')
+        instance_uuid, _dom = self.define_domain(path=disk, running=True)
+        image_id = self.create_image()
+
+        result = self.nova_snapshot('snapworker', instance_uuid, image_id,
+                                    live=True)
+
+        self.assertIsNone(result['error'])
+        self.assertEqual(['begin [running]',
+                          'LibvirtDriver.snapshot [running]',
+                          'end [running]'], self.steps(result))
+        self.assertEqual('queued', self.image_status(image_id))
+
+    def test_disk_type_not_delegated_takes_nova_path(self):
+        disk = self.make_disk('notlisted.qcow2')
+        instance_uuid, _dom = self.define_domain(path=disk)
+        image_id = self.create_image()
+
+        result = self.nova_snapshot('snapworker', instance_uuid, image_id,
+                                    disk_types='raw')
+
+        self.assertIsNone(result['error'])
+        self.assertEqual(NOVA_COLD_TASK_STATES, self.task_states(result))
+        self.assertTrue(os.path.isdir(result['snapshots_directory']))
+        self.assertImageIs(image_id, disk, 'qcow2')
