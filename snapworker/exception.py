@@ -53,6 +53,10 @@ class SourceReadError(SnapshotError):
     msg_fmt = 'Reading disk {path} failed: {reason}'
 
 
+class RbdError(SnapshotError):
+    msg_fmt = 'Ceph RBD {operation} of {target} failed: {reason}'
+
+
 class UnsupportedTargetFormat(SnapshotError):
     msg_fmt = ('Target format {target_format} is not supported; use one of '
                '{supported}.')

@@ -19,6 +19,7 @@ from snapworker import hypervisor
 from snapworker import notifications
 from snapworker import objects
 from snapworker import pipeline
+from snapworker import sources
 
 LOG = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class SnapshotManager:
 
     Requests beyond that wait in arrival order (the executor's FIFO queue).
     On stop, jobs that have not started are failed cleanly (image deleted,
-    error notification) and running ones are allowed to finish.
+    error notification), running ones are allowed to finish, and
+    background work (RBD flattens) gets a bounded time to finish.
     """
 
     target = messaging.Target(version=RPC_API_VERSION)
@@ -100,4 +102,5 @@ class SnapshotManager:
         with self._lock:
             self._stopping.set()
         self._executor.shutdown(wait=True)
+        sources.stop_background_work()
         self._hypervisor.close()

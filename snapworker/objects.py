@@ -31,7 +31,9 @@ class SnapshotPayload(SnapworkerObject):
     """
 
     # Version 1.0: Initial version
-    VERSION = '1.0'
+    # Version 1.1: Added flatten_policy, location_api, image_hashed (RBD
+    #              clones)
+    VERSION = '1.1'
 
     fields = {
         'request_id': fields.StringField(nullable=True),
@@ -56,6 +58,17 @@ class SnapshotPayload(SnapworkerObject):
         'source_held_seconds': fields.FloatField(nullable=True),
         'duration_seconds': fields.FloatField(nullable=True),
         'image_status': fields.StringField(nullable=True),
+        # Clone plans only: when the clone stops depending on the instance
+        # disk ('background', 'sync' or 'never', after the clone depth
+        # bound is applied), and which Glance API registered the location
+        # ('v2.17' or 'patch').
+        'flatten_policy': fields.StringField(nullable=True),
+        'location_api': fields.StringField(nullable=True),
+        # Whether the active image has checksum/os_hash_value. A clone is
+        # registered without validation data (hashing would read the very
+        # data the clone avoids reading), so it is False unless Glance
+        # hashed the image itself before the end event.
+        'image_hashed': fields.BooleanField(nullable=True),
         'error_code': fields.StringField(nullable=True),
         'error_message': fields.StringField(nullable=True),
     }

@@ -41,10 +41,12 @@ class SnapshotJob:
         self._started = clock()
         self._held_since = None
         self._location = None
+        self._source = None
+        self._plan = None
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
-    def upload(self, body, disk_format):
+    def upload(self, body, disk_format, store=None):
         self.payload.bytes_total = body.size
 
         def on_progress(bytes_out):
@@ -54,7 +56,7 @@ class SnapshotJob:
         counting = streams_body.CountingBody(body, on_progress)
         try:
             self._images.upload(self.image_id, counting, body.size,
-                                disk_format)
+                                disk_format, store=store)
         except exception.SnapshotError as e:
             if counting.read_error is None:
                 raise
@@ -64,11 +66,16 @@ class SnapshotJob:
         self.payload.bytes_uploaded = counting.bytes_out
 
     def register_location(self, url, validation_data=None):
-        self._images.add_location(self.image_id, url, validation_data)
+        self.payload.location_api = self._images.add_location(
+            self.image_id, url, validation_data)
 
     def source_released(self):
         if self.payload.source_held_seconds is not None:
             return
+        # The read (or point-in-time copy) is done. It is consistent only
+        # if the guest stayed off all along; check before a suspended guest
+        # is told it may run again, because then it will.
+        self._shut_off_domain(error=exception.SourceChanged)
         self.payload.source_held_seconds = round(
             self._clock() - self._held_since, 3)
         self._emitter.source_released()
@@ -82,41 +89,62 @@ class SnapshotJob:
     # -- the steps ----------------------------------------------------------
 
     def run(self):
-        source = plan = None
+        """Run the snapshot; it always ends with an end or error event.
+
+        What the plan and source hold (scratch files, RBD snapshots,
+        qemu-nbd) is released before that final event, so whoever reacts
+        to it finds nothing left behind.
+        """
         try:
-            domain = self._shut_off_domain()
-            if domain.root_disk is None:
-                raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
-            source = sources.open_source(domain.root_disk, self._conf)
-            facts = source.inspect()
-            self._location = facts.location
-            self._check_image_queued()
-            target_format = self._target_format(facts)
-            plan = source.plan(target_format)
-            self._describe(domain, facts, plan)
-            self._emitter.start()
-            self._held_since = self._clock()
-            plan.run(self)
-            self.source_released()
-            self._shut_off_domain(error=exception.SourceChanged)
-            image = self._images.wait_active(
-                self.image_id, self._conf.worker.active_timeout)
-            self.payload.image_status = image['status']
-            self.payload.duration_seconds = self._elapsed()
-            self._emitter.progress(force=True)
-            self._emitter.end()
-            LOG.info('Snapshot of %s into image %s done in %.2f s '
-                     '(strategy %s, %d bytes read, %d scratch bytes)',
-                     self.instance_uuid, self.image_id,
-                     self.payload.duration_seconds, plan.strategy,
-                     self.payload.bytes_read, self.payload.scratch_bytes)
+            plan = self._steps()
         except Exception as e:
+            self._release()
             self.fail(e)
-        finally:
-            if plan is not None:
-                plan.cleanup()
-            if source is not None:
-                source.close()
+            return
+        self._release()
+        self.payload.duration_seconds = self._elapsed()
+        self._emitter.progress(force=True)
+        self._emitter.end()
+        LOG.info('Snapshot of %s into image %s done in %.2f s '
+                 '(strategy %s, %d bytes read, %d scratch bytes)',
+                 self.instance_uuid, self.image_id,
+                 self.payload.duration_seconds, plan.strategy,
+                 self.payload.bytes_read, self.payload.scratch_bytes)
+
+    def _steps(self):
+        domain = self._shut_off_domain()
+        if domain.root_disk is None:
+            raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
+        self._source = source = sources.open_source(domain.root_disk,
+                                                    self._conf)
+        facts = source.inspect()
+        self._location = facts.location
+        self._check_image_queued()
+        target_format = self._target_format(facts)
+        # Only sources that can reference data in place (RBD) care where
+        # Glance keeps it; the others do not pay for the lookup.
+        stores = self._images.stores() if (
+            source.wants_glance_stores) else None
+        self._plan = plan = source.plan(target_format, stores)
+        self._describe(facts, plan)
+        self._emitter.start()
+        self._held_since = self._clock()
+        plan.run(self)
+        self.source_released()
+        image = self._images.wait_active(
+            self.image_id, self._conf.worker.active_timeout)
+        self.payload.image_status = image['status']
+        self.payload.image_hashed = bool(image.get('os_hash_value')
+                                         or image.get('checksum'))
+        return plan
+
+    def _release(self):
+        if self._plan is not None:
+            self._plan.cleanup()
+            self._plan = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def fail(self, error):
         """End the snapshot: clean up, delete the image, report the cause."""
@@ -156,7 +184,7 @@ class SnapshotJob:
                 supported=', '.join(sources_base.SUPPORTED_TARGET_FORMATS))
         return fmt
 
-    def _describe(self, domain, facts, plan):
+    def _describe(self, facts, plan):
         p = self.payload
         p.strategy = plan.strategy
         p.plan_reason = plan.reason

@@ -8,11 +8,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 
@@ -21,6 +19,7 @@ import libvirt
 
 from tests.services import __main__ as services
 from tests.services import glance as glance_service
+from tests.services import worker as worker_service
 
 BIN = os.path.dirname(sys.executable)
 HOST = 'demo-compute'
@@ -53,24 +52,6 @@ def make_nova_disk(instances, size, base_data):
     return disk
 
 
-def peak_rss(pid):
-    """Largest VmHWM of a process and its children (oslo.service forks)."""
-    peak = 0
-    pids = [pid]
-    while pids:
-        current = pids.pop()
-        try:
-            with open(f'/proc/{current}/status') as f:
-                for line in f:
-                    if line.startswith('VmHWM:'):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-            with open(f'/proc/{current}/task/{current}/children') as f:
-                pids += [int(child) for child in f.read().split()]
-        except OSError:
-            continue
-    return peak
-
-
 def define_domain(conn, disk):
     """A shut-off domain; ``conn`` must stay open for it to persist.
 
@@ -85,35 +66,6 @@ def define_domain(conn, disk):
         f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
         f"</devices></domain>")
     return instance_uuid
-
-
-def write_worker_conf(path, state, instances, scratch):
-    with open(path, 'w') as f:
-        f.write(textwrap.dedent(f"""\
-            [DEFAULT]
-            host = {HOST}
-            instances_path = {instances}
-            scratch_dir = {scratch}
-            libvirt_uri = {state['libvirt_uri']}
-            transport_url = {state['transport_url']}
-            [glance]
-            auth_strategy = noauth
-            endpoint_override = {state['glance_url']}
-            [worker]
-            progress_interval = 1
-            """))
-
-
-def wait_for(text, path, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors='replace') as f:
-            if text in f.read():
-                return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise RuntimeError(f'worker did not start; see {path}')
 
 
 def main(argv=None):
@@ -140,16 +92,12 @@ def main(argv=None):
             f'raw _base), domain shut off')
 
         conf = os.path.join(work, 'snapworker.conf')
-        write_worker_conf(conf, state, instances,
-                          os.path.join(work, 'scratch'))
-        worker_log = os.path.join(work, 'worker.log')
-        with open(worker_log, 'wb') as out:
-            worker = subprocess.Popen(
-                [os.path.join(BIN, 'snapworker-worker'),
-                 '--config-file', conf],
-                stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        wait_for('snapworker listening', worker_log, worker)
+        worker_service.write_config(
+            conf, host=HOST, services=state, instances_path=instances,
+            scratch_dir=os.path.join(work, 'scratch'),
+            extra={'worker.progress_interval': 1, 'debug': False})
+        worker = worker_service.WorkerProcess(
+            conf, os.path.join(work, 'worker.log')).start()
         log(f'snapworker-worker running as host {HOST}')
 
         client = glance_service.GlanceService(
@@ -169,7 +117,7 @@ def main(argv=None):
              *(['--format', args.format] if args.format else [])],
             capture_output=True, text=True)
         wall = time.monotonic() - t0
-        worker_rss = peak_rss(worker.pid)
+        worker_rss = worker.peak_rss()
         events = [json.loads(line) for line in cli.stdout.splitlines()]
         for event in events:
             p = event['payload']
@@ -210,8 +158,7 @@ def main(argv=None):
         result['error'] = str(e)
     finally:
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(60)
+            worker.stop()
         if conn is not None:
             conn.close()
         services.down(state_dir)

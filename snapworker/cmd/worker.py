@@ -11,6 +11,10 @@ from snapworker.conf import CONF
 
 def main(argv=None):
     logging.register_options(CONF)
+    # The endpoint only queues a job and returns; one dispatch thread is
+    # plenty and keeps requests in arrival order (with oslo.messaging's
+    # default pool of 64, two casts can reach the queue swapped).
+    CONF.set_default('executor_thread_pool_size', 1)
     CONF(sys.argv[1:] if argv is None else argv, project='snapworker')
     logging.setup(CONF, 'snapworker')
     launcher = service.launch(CONF, worker_service.WorkerService(CONF),

@@ -20,7 +20,58 @@ opts = [
     cfg.IntOpt('connect_timeout',
                default=10,
                min=1,
-               help='Seconds to wait for the Ceph cluster to answer.'),
+               help='Seconds to wait for the Ceph cluster to answer '
+                    '(librados ``client_mount_timeout``: the monitor '
+                    'handshake is what hangs when the cluster is away).'),
+    cfg.StrOpt('glance_store',
+               help='Id of the Glance store (an ``enabled_backends`` name '
+                    'of Glance) that snapshots of RBD disks go to. Unset: '
+                    'an rbd store of Glance in the same Ceph cluster as '
+                    'the disk if Glance has one (the snapshot is then a '
+                    'copy-on-write clone, no data moves), else Glance\'s '
+                    'default store. Set it to a non-rbd store to always '
+                    'stream the data into that store instead.'),
+    cfg.StrOpt('glance_pool',
+               help='Pool of Glance\'s rbd store, in the same Ceph cluster '
+                    'as the instance disks. Only needed when the worker '
+                    'cannot read the store details from Glance (``GET '
+                    '/v2/info/stores/detail`` needs the admin role, and '
+                    'single-store Glances do not offer it); details Glance '
+                    'reports take precedence. Unset and undiscoverable: '
+                    'no clone plan, the data is streamed.'),
+    cfg.StrOpt('flatten',
+               default='background',
+               choices=[
+                   ('background', 'The image is active right after the '
+                                  'clone; a worker thread then flattens the '
+                                  'clone (deep-flatten, snapshots '
+                                  'included) and removes the snapshot of '
+                                  'the instance disk.'),
+                   ('sync', 'Flatten before the image is registered, as '
+                            'Nova\'s direct_snapshot does: the image is '
+                            'independent of the instance disk when it '
+                            'becomes active, at the cost of copying the '
+                            'allocated data inside Ceph first.'),
+                   ('never', 'Keep the copy-on-write clone (needs clone '
+                             'format v2, else sync is used). Deleting the '
+                             'instance disk then only succeeds for clients '
+                             'with ``rbd_move_parent_to_trash_on_remove = '
+                             'true`` (Nova\'s ceph.conf): librbd moves the '
+                             'disk to the trash and purges it when the last '
+                             'clone goes.'),
+               ],
+               help='When the clone of a snapshot stops depending on the '
+                    'instance disk it was cloned from.'),
+    cfg.IntOpt('max_clone_depth',
+               default=3,
+               min=1,
+               help='Longest parent chain a snapshot clone may have. An '
+                    'instance disk Nova cloned from a Glance image has '
+                    'depth 1 and its snapshot clone depth 2; every level '
+                    'adds a redirected read for data not yet written '
+                    'below it. A clone that would be deeper is flattened '
+                    'before the image is registered, whatever ``flatten`` '
+                    'says.'),
 ]
 
 

@@ -91,6 +91,10 @@ class StreamPlan(Plan):
 class Source(abc.ABC):
     """One instance disk."""
 
+    #: Whether ``plan()`` needs Glance's stores (only a source that can
+    #: reference its data in place, RBD, does; the others skip the call).
+    wants_glance_stores = False
+
     @abc.abstractmethod
     def inspect(self):
         """Return ``SourceFacts``; raise UnsupportedDisk when unusable."""

@@ -15,12 +15,9 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 import uuid
 
 import fixtures
@@ -33,6 +30,7 @@ from snapworker import rpcapi
 from snapworker.conf import CONF
 from tests.services import __main__ as services_main
 from tests.services import glance as glance_service
+from tests.services import worker as worker_service
 
 _SERVICES = None
 _BIN = os.path.dirname(sys.executable)
@@ -71,89 +69,30 @@ def images_identical(first, second):
 
 
 class WorkerProcess(fixtures.Fixture):
-    """``snapworker-worker`` as a separate process, stopped by SIGTERM."""
+    """A worker for one test class, with a host name of its own."""
 
     def __init__(self, services, workdir, instances_path, **conf):
         super().__init__()
-        self.services = services
-        self.workdir = workdir
-        self.instances_path = instances_path
         self.scratch_dir = os.path.join(workdir, 'scratch')
         self.host = f'compute-{uuid.uuid4().hex[:8]}'
-        self.log_path = os.path.join(workdir, f'{self.host}.log')
-        self.conf_path = os.path.join(workdir, f'{self.host}.conf')
-        self.extra_conf = conf
-        self.proc = None
-
-    def _config(self):
-        s = self.services
-        text = textwrap.dedent(f"""\
-            [DEFAULT]
-            host = {self.host}
-            debug = True
-            instances_path = {self.instances_path}
-            scratch_dir = {self.scratch_dir}
-            libvirt_uri = {s['libvirt_uri']}
-            transport_url = {s['transport_url']}
-            graceful_shutdown_timeout = 60
-            [worker]
-            progress_interval = 0.2
-            [glance]
-            auth_strategy = noauth
-            endpoint_override = {s['glance_url']}
-            """)
-        ceph = s.get('ceph')
-        if ceph:
-            text += textwrap.dedent(f"""\
-                [rbd]
-                ceph_conf = {ceph['conf_path']}
-                user = {ceph['client_user']}
-                keyring = {ceph['client_keyring']}
-                """)
-        for key, value in self.extra_conf.items():
-            group, _, name = key.rpartition('.')
-            text += f'[{group or "DEFAULT"}]\n{name} = {value}\n'
-        return text
+        conf_path = os.path.join(workdir, f'{self.host}.conf')
+        glance_url = conf.pop('glance.endpoint_override', None)
+        worker_service.write_config(
+            conf_path, host=self.host, services=services,
+            instances_path=instances_path, scratch_dir=self.scratch_dir,
+            glance_url=glance_url, extra=conf)
+        self.process = worker_service.WorkerProcess(
+            conf_path, os.path.join(workdir, f'{self.host}.log'))
 
     def _setUp(self):
-        with open(self.conf_path, 'w') as f:
-            f.write(self._config())
-        self.log = open(self.log_path, 'ab')
-        self.addCleanup(self.log.close)
-        self.proc = subprocess.Popen(
-            [os.path.join(_BIN, 'snapworker-worker'),
-             '--config-file', self.conf_path],
-            stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
         self.addCleanup(self.stop)
-        self._wait_for_log('snapworker listening', 60)
-
-    def _wait_for_log(self, text, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.log_path, errors='replace') as f:
-                if text in f.read():
-                    return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f'worker did not log {text!r}:\n'
-                             f'{self.log_tail()}')
+        self.process.start()
 
     def log_tail(self, lines=60):
-        with open(self.log_path, errors='replace') as f:
-            return ''.join(f.readlines()[-lines:])
+        return self.process.log_tail(lines)
 
     def stop(self, timeout=60):
-        """SIGTERM the worker's process group; return its exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc and self.proc.returncode
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
+        return self.process.stop(timeout)
 
 
 class FunctionalTestCase(testtools.TestCase):

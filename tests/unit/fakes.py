@@ -59,7 +59,7 @@ class FakeImageService:
         except KeyError:
             raise exception.ImageNotFound(image_id=image_id) from None
 
-    def upload(self, image_id, body, size, disk_format):
+    def upload(self, image_id, body, size, disk_format, store=None):
         if self.upload_gate is not None:
             self.upload_gate.wait(10)
         chunks = []

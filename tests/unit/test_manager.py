@@ -53,6 +53,8 @@ class ManagerTestCase(testtools.TestCase):
                          # still take one message from a shared one.
                          control_exchange=uuidutils.generate_uuid())
         self.conf.config(progress_interval=0, group='worker')
+        # As snapworker-worker sets it: dispatch in arrival order.
+        self.conf.config(executor_thread_pool_size=1)
         self.hypervisor = fakes.FakeHypervisor()
         self.images = fakes.FakeImageService()
         self._start_messaging()
