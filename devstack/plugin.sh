@@ -28,6 +28,7 @@ function configure_snapworker {
     local conf=$SNAPWORKER_CONF key value
     sudo install -d -o "$STACK_USER" "$SNAPWORKER_CONF_DIR"
     install -d "$SNAPWORKER_SCRATCH_DIR"
+    install -d -m 0700 "$SNAPWORKER_JOURNAL_DIR"
     cp "$SNAPWORKER_DIR/etc/snapworker/snapworker.conf.sample" "$conf"
 
     iniset "$conf" DEFAULT debug "$ENABLE_DEBUG_LOG_LEVEL"
@@ -35,6 +36,7 @@ function configure_snapworker {
         "$(_snapworker_iniget_or "$NOVA_CONF" DEFAULT host "$(hostname)")"
     iniset "$conf" DEFAULT instances_path "$NOVA_INSTANCES_PATH"
     iniset "$conf" DEFAULT scratch_dir "$SNAPWORKER_SCRATCH_DIR"
+    iniset "$conf" worker journal_dir "$SNAPWORKER_JOURNAL_DIR"
     iniset "$conf" DEFAULT libvirt_uri \
         "$(_snapworker_iniget_or "$NOVA_CONF" libvirt connection_uri \
             qemu:///system)"
@@ -64,6 +66,9 @@ function configure_snapworker {
             "$(_snapworker_iniget_or "$NOVA_CONF" libvirt \
                 images_rbd_ceph_conf /etc/ceph/ceph.conf)"
         iniset "$conf" rbd user "$(iniget "$NOVA_CONF" libvirt rbd_user)"
+        if [[ -n $SNAPWORKER_RBD_GLANCE_POOL ]]; then
+            iniset "$conf" rbd glance_pool "$SNAPWORKER_RBD_GLANCE_POOL"
+        fi
     fi
 
     # nova-compute's own config: start_nova_compute copies $NOVA_CONF to

@@ -87,3 +87,23 @@ class CommandFailed(SnapshotError):
 class WorkerStopping(SnapshotError):
     msg_fmt = ('The worker was stopped before the snapshot of instance '
                '{instance_uuid} started.')
+
+
+class JournalError(SnapshotError):
+    msg_fmt = ('Cannot record the snapshot into image {image_id} in the '
+               'journal ({reason}); without it a crash could leave '
+               'resources behind, so the snapshot is not attempted.')
+
+
+class SnapshotInProgress(SnapshotError):
+    msg_fmt = ('A snapshot into image {image_id} is already in progress on '
+               'this host; the duplicate request is refused and the image '
+               'left to it.')
+    #: The image belongs to the snapshot already running: keep it.
+    delete_image = False
+
+
+class WorkerRestarted(SnapshotError):
+    msg_fmt = ('The worker stopped abruptly (killed or crashed) during the '
+               'snapshot of instance {instance_uuid} into image {image_id}, '
+               'started {started_at}; on restart it {outcome}.')

@@ -4,18 +4,23 @@ A cast is acknowledged before it is dispatched (oslo.messaging is
 at-most-once), so the endpoint only validates what it can without I/O,
 queues the job and returns; the job then owns the outcome and always ends
 with either an active image or an error notification and a deleted image.
+For a worker that dies instead, ``recover()`` does that ending when it
+starts again, from the jobs' journal records.
 """
 
 import concurrent.futures
+import functools
 import threading
 
 import oslo_messaging as messaging
+from oslo_context import context as o_context
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
 from snapworker import exception
 from snapworker import glance
 from snapworker import hypervisor
+from snapworker import journal
 from snapworker import notifications
 from snapworker import objects
 from snapworker import pipeline
@@ -51,6 +56,8 @@ class SnapshotManager:
         self._stopping = threading.Event()
         self._futures = set()
         self._lock = threading.Lock()
+        self._journal = journal.Journal(conf.worker.journal_dir)
+        self._journal.prepare()
 
     def create_snapshot(self, context, instance_uuid, image_id,
                         target_format=None):
@@ -77,18 +84,78 @@ class SnapshotManager:
         with self._lock:
             self._futures.discard(future)
 
-    def _make_job(self, context, instance_uuid, image_id, target_format):
+    def _make_emitter(self, context, instance_uuid, image_id,
+                      target_format):
         payload = objects.SnapshotPayload(
             request_id=context.request_id, instance_uuid=instance_uuid,
             image_id=image_id, host=self._conf.host,
             target_format=target_format)
-        emitter = notifications.SnapshotEmitter(
+        return notifications.SnapshotEmitter(
             self._notifier, context, payload,
             self._conf.worker.progress_interval)
+
+    def _make_job(self, context, instance_uuid, image_id, target_format):
+        record = self._journal.new_record(image_id, instance_uuid, context,
+                                          self._conf.host)
         return pipeline.SnapshotJob(
             self._conf, self._hypervisor,
-            self._image_service_factory(context), emitter,
-            instance_uuid, image_id, target_format)
+            self._image_service_factory(context),
+            self._make_emitter(context, instance_uuid, image_id,
+                               target_format),
+            instance_uuid, image_id, target_format, record=record)
+
+    # -- crash recovery -------------------------------------------------------
+
+    def recover(self):
+        """Clean up after the jobs a killed or crashed worker left.
+
+        Called once at start, before the RPC server takes requests. Glance
+        is asked as the user who requested each snapshot (the saved
+        request context), with the service token added when
+        ``[service_user]`` is configured: that is what lets Glance accept
+        a user token that has expired since. See journal.Recovery.
+
+        :returns: how many records are still left (retried at the next
+            start), or None when the journal could not be read.
+        """
+        return journal.Recovery(
+            self._journal, self._recovery_images,
+            functools.partial(sources.remove_leftover, self._conf),
+            self._resume_background, self._report_restarted,
+            host=self._conf.host).run()
+
+    def _recovery_images(self, context_dict):
+        return self._image_service_factory(_load_context(context_dict))
+
+    def _resume_background(self, entry, done):
+        sources.resume_background(
+            self._conf, entry['owner'], entry['kind'], entry['ref'],
+            entry.get('details') or {}, done)
+
+    def _report_restarted(self, record, outcome, image_status):
+        """Tell waiters how an interrupted snapshot ended.
+
+        An image Glance reports active holds the complete snapshot (an
+        upload Glance accepted in full, or a registered clone): only the
+        worker's bookkeeping was cut short, so it ends like any other
+        successful snapshot rather than as an error that would make Nova
+        delete a good image.
+        """
+        context = _load_context(record.context)
+        emitter = self._make_emitter(context, record.instance_uuid,
+                                     record.image_id, None)
+        emitter.payload.image_status = image_status
+        if image_status == 'active':
+            LOG.info('Interrupted snapshot into image %s had completed: %s',
+                     record.image_id, outcome)
+            emitter.payload.plan_reason = f'recovered after a restart: ' \
+                f'{outcome}'
+            emitter.end()
+            return
+        error = exception.WorkerRestarted(
+            instance_uuid=record.instance_uuid, image_id=record.image_id,
+            started_at=record.data.get('started_at'), outcome=outcome)
+        emitter.error(error.code, str(error))
 
     def _run(self, job):
         if self._stopping.is_set():
@@ -104,3 +171,15 @@ class SnapshotManager:
         self._executor.shutdown(wait=True)
         sources.stop_background_work()
         self._hypervisor.close()
+
+
+def _load_context(context_dict):
+    """The RequestContext a journal record saved, as RPC would give it.
+
+    Not made the thread's current context: recovery runs in the thread
+    that goes on to start the service, whose log lines must not carry
+    the request id of an old request.
+    """
+    ctx = o_context.RequestContext.from_dict(context_dict, overwrite=False)
+    ctx.service_catalog = context_dict.get('service_catalog') or []
+    return ctx

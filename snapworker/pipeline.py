@@ -10,6 +10,14 @@ must report the image active.
 Any failure ends the same way: the plan's cleanup removes what it created,
 the Glance image is deleted (as Nova's ``delete_image_on_error`` does) and a
 ``snapshot.create.error`` names the cause.
+
+A crash ends no way at all, so the job keeps a journal record (journal.py)
+from its first step to its end: what the plan creates is journalled
+through ``track``/``handed_over`` before it exists, and a restarted worker
+cleans up from the record. The record is removed once the job's outcome
+is settled (resources released, image active or deleted), just before the
+final event: a crash in between loses the event, not the cleanup, and
+Nova's waiter then learns the outcome from the image's status.
 """
 
 import time
@@ -28,7 +36,11 @@ class SnapshotJob:
     """Runs one snapshot request; the callbacks are the API plans use."""
 
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
-                 image_id, target_format, clock=time.monotonic):
+                 image_id, target_format, clock=time.monotonic,
+                 record=None):
+        """:param record: the job's unwritten ``journal.Record``; None
+            runs without a journal (nothing to recover after a crash).
+        """
         self._conf = conf
         self._hypervisor = hypervisor
         self._images = images
@@ -43,6 +55,7 @@ class SnapshotJob:
         self._location = None
         self._source = None
         self._plan = None
+        self._record = record
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
@@ -86,6 +99,24 @@ class SnapshotJob:
     def add_scratch_bytes(self, n):
         self.payload.scratch_bytes += n
 
+    def track(self, kind, ref):
+        """Journal a resource the plan is about to create.
+
+        :raises JournalError: not journalled; the plan must not create it.
+        """
+        if self._record is not None:
+            self._record.track(kind, ref)
+
+    def handed_over(self, kind, ref, to, **details):
+        """Journal that ``to`` owns the resource now (the job no longer).
+
+        :returns: the callable background work calls when it has finished
+            with the resource (a no-op for Glance or without a journal).
+        """
+        if self._record is None:
+            return _noop
+        return self._record.handed_over(kind, ref, to, **details)
+
     # -- the steps ----------------------------------------------------------
 
     def run(self):
@@ -96,6 +127,8 @@ class SnapshotJob:
         to it finds nothing left behind.
         """
         try:
+            if self._record is not None:
+                self._record.begin()
             plan = self._steps()
         except Exception as e:
             self._release()
@@ -104,6 +137,7 @@ class SnapshotJob:
         self._release()
         self.payload.duration_seconds = self._elapsed()
         self._emitter.progress(force=True)
+        self._end_record()
         self._emitter.end()
         LOG.info('Snapshot of %s into image %s done in %.2f s '
                  '(strategy %s, %d bytes read, %d scratch bytes)',
@@ -156,10 +190,16 @@ class SnapshotJob:
             code, message = 'InternalError', f'{type(error).__name__}: {error}'
             LOG.exception('Snapshot of %s into image %s failed',
                           self.instance_uuid, self.image_id)
-        self._images.delete(self.image_id)
-        self.payload.image_status = 'deleted'
+        if getattr(error, 'delete_image', True):
+            self._images.delete(self.image_id)
+            self.payload.image_status = 'deleted'
         self.payload.duration_seconds = self._elapsed()
+        self._end_record()
         self._emitter.error(code, message)
+
+    def _end_record(self):
+        if self._record is not None:
+            self._record.finish()
 
     def _elapsed(self):
         return round(self._clock() - self._started, 3)
@@ -192,3 +232,7 @@ class SnapshotJob:
         p.source_format = facts.format
         p.virtual_size = facts.virtual_size
         p.target_format = plan.target_format
+
+
+def _noop():
+    pass

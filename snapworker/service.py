@@ -33,6 +33,9 @@ class WorkerService(service.Service):
         self._transports = [transport, notification_transport]
         notifier = notifications.get_notifier(notification_transport, conf)
         self.manager = manager.SnapshotManager(conf, notifier)
+        # Before taking requests: what a killed worker left is cleaned up
+        # (and reported) first, and nothing new competes with it.
+        self.manager.recover()
         target = messaging.Target(topic=conf.worker.topic, server=conf.host)
         self._server = messaging.get_rpc_server(
             transport, target, [self.manager],

@@ -1,4 +1,4 @@
-"""Options of the [worker] group: RPC, admission and notifications."""
+"""Options of the [worker] group: RPC, admission, notifications, journal."""
 
 from oslo_config import cfg
 
@@ -40,6 +40,17 @@ opts = [
                help='Bytes read from a disk at a time. Memory used by one '
                     'snapshot is a small multiple of this, whatever the '
                     'size of the disk.'),
+    cfg.StrOpt('journal_dir',
+               default='/var/lib/snapworker/journal',
+               help='Directory of the journal: one small JSON record per '
+                    'snapshot in progress, naming what it has created so '
+                    'far (scratch directories, RBD snapshots and clones). '
+                    'A worker that was killed or crashed cleans up after '
+                    'the snapshots it was running when it starts again, '
+                    'from these records. It must survive a reboot (not a '
+                    'tmpfs) and be private to this worker: records hold '
+                    'the requesting user\'s token, and the worker makes '
+                    'the directory mode 0700.'),
 ]
 
 

@@ -32,5 +32,11 @@ never meet:
   exchange, so the worker must publish its notifications there.
 * ``[worker] topic`` = ``[snapworker] topic``.
 
+For RBD root disks (``images_type = rbd``) the worker's ``[rbd]`` options
+must reach Nova's cluster, and ``[rbd] glance_pool`` should name Glance's
+rbd pool: the worker acts with the user's token, which cannot read
+Glance's store details, and without the pool it streams instead of
+cloning.
+
 The devstack plugin writes a snapworker.conf that satisfies all of these.
 """

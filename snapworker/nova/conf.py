@@ -8,6 +8,8 @@ snapworker.conf; the messaging settings the two must share are listed in
 
 from oslo_config import cfg
 
+from snapworker.nova import disks
+
 group = cfg.OptGroup(
     'snapworker',
     title='snapworker options',
@@ -21,11 +23,15 @@ opts = [
                     'topic. Requests go to the worker whose host is this '
                     'nova-compute\'s ``host``.'),
     cfg.ListOpt('disk_types',
-                default=['qcow2', 'raw'],
-                help='Root disk types (as Nova names them: qcow2, raw, '
-                     'rbd, lvm, ploop) whose cold snapshots go to the '
-                     'worker. Others take Nova\'s own path. List only the '
-                     'types the worker of this release supports.'),
+                default=list(disks.DELEGATED_TYPES),
+                help='Root disk types, as Nova names them, whose cold '
+                     'snapshots go to the worker: qcow2 and raw (file '
+                     'disks, streamed), rbd (``images_type = rbd``: '
+                     'copy-on-write clone when Glance has an rbd store in '
+                     'the same Ceph cluster and the target is raw, else a '
+                     'sparse stream) and lvm (any block device under /dev, '
+                     'streamed). Other types, such as ploop, and types '
+                     'removed from this list take Nova\'s own path.'),
     cfg.IntOpt('accept_timeout',
                default=120,
                min=1,

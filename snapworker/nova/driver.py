@@ -20,7 +20,11 @@ Everything Nova promises around a snapshot is kept:
   ``[snapworker] accept_timeout`` or a run timeout scaled to the disk size.
 
 Live snapshots, and disk types not in ``[snapworker] disk_types``, take
-Nova's path unchanged.
+Nova's path unchanged. The delegated path needs nothing of Nova's image
+backend (``image_backend.by_libvirt_path``): the worker finds and reads
+the disk itself from the domain XML, so an RBD or LVM disk is delegated
+whatever ``[libvirt] images_type`` says (see ``disks.py`` for the types
+and the plan each gets).
 """
 
 import nova.conf
@@ -36,6 +40,7 @@ from oslo_log import log as logging
 from snapworker import events
 from snapworker import rpcapi
 from snapworker.nova import conf as snapworker_conf
+from snapworker.nova import disks
 from snapworker.nova import waiter
 
 LOG = logging.getLogger(__name__)
@@ -88,9 +93,8 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
     def _delegate_snapshot(self, context, instance, image_id,
                            update_task_state, guest, source_type,
                            original_power_state):
-        image_format = CONF.libvirt.snapshot_image_format or source_type
-        if image_format in ('lvm', 'rbd'):
-            image_format = 'raw'
+        image_format = disks.image_format(
+            source_type, CONF.libvirt.snapshot_image_format)
         self._set_snapshot_metadata(context, instance, image_id,
                                     image_format)
 

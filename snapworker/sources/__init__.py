@@ -3,6 +3,7 @@
 import sys
 
 from snapworker import exception
+from snapworker.sources import base
 from snapworker.sources import block as block_source
 from snapworker.sources import file as file_source
 
@@ -15,15 +16,46 @@ def open_source(root_disk, conf):
     if root_disk.kind == 'file':
         return file_source.FileSource(root_disk.path, conf)
     if root_disk.kind == 'rbd' and root_disk.pool and root_disk.name:
-        # Imported here: only workers with RBD disks need librados.
-        from snapworker.sources import rbd as rbd_source
-        return rbd_source.RbdSource(root_disk.pool, root_disk.name, conf)
+        return _rbd().RbdSource(root_disk.pool, root_disk.name, conf)
     if root_disk.kind == 'block':
         return block_source.BlockSource(root_disk.path,
                                         root_disk.driver_format, conf)
     raise exception.UnsupportedDisk(
         path=root_disk.path or root_disk.name or '?',
         reason=f'{root_disk.kind} disks are not supported')
+
+
+def _rbd():
+    # Imported here: only workers with RBD disks need librados.
+    from snapworker.sources import rbd as rbd_source
+    return rbd_source
+
+
+def remove_leftover(conf, kind, ref):
+    """Remove one resource a job of a crashed worker left behind.
+
+    What recovery (journal.py) calls for each ``job.track``-ed resource
+    that no one took over; gone already is success.
+
+    :raises ValueError: a kind or ref this worker never journals.
+    """
+    if kind == base.SCRATCH_DIR:
+        file_source.remove_scratch_dir(conf, ref)
+    elif kind in (base.RBD_SNAPSHOT, base.RBD_CLONE):
+        _rbd().remove_leftover(conf, kind, ref)
+    else:
+        raise ValueError(f'unknown resource kind {kind!r}')
+
+
+def resume_background(conf, owner, kind, ref, details, done):
+    """Restart background work a stopped worker did not finish.
+
+    :param done: called by that work once it has finished with ``ref``.
+    """
+    if owner == base.FLATTENER and kind == base.RBD_SNAPSHOT:
+        _rbd().resume_flatten(conf, ref, details['clone'], done)
+    else:
+        raise ValueError(f'cannot resume {owner} work on {kind} {ref}')
 
 
 def stop_background_work():

@@ -25,6 +25,22 @@ A plan moves the data. ``run(job)`` calls back into the job it is given::
     job.source_released()            # the disk is no longer needed
     job.add_scratch_bytes(n)         # truthful scratch accounting
     job.add_bytes_read(n)
+    job.track(kind, ref)             # before creating a resource
+    job.handed_over(kind, ref, to, **details)   # someone else owns it now
+
+``track`` and ``handed_over`` journal the resources a plan creates, so
+that a worker killed mid-job removes them when it starts again (see
+journal.py; plans never import it). ``kind`` is one of the resource kinds
+below, ``ref`` names one resource, e.g.::
+
+    job.track(RBD_SNAPSHOT, 'vms/<uuid>_disk@snapworker-<image id>')
+    job.handed_over(RBD_CLONE, 'images/<image id>', to=GLANCE)
+    done = job.handed_over(RBD_SNAPSHOT, ..., to=FLATTENER,
+                           clone='images/<image id>')
+
+``handed_over`` to background work returns the callable that work calls
+when it has finished with the resource. ``sources.remove_leftover`` and
+``sources.resume_background`` are what recovery calls with these.
 
 and ``cleanup()`` undoes everything the plan created (scratch files, RBD
 snapshots and clones). It is called after every run, successful or not, so
@@ -36,6 +52,17 @@ import abc
 import dataclasses
 
 SUPPORTED_TARGET_FORMATS = ('raw', 'qcow2')
+
+#: Resource kinds a plan journals (``job.track``), with their ``ref``:
+#: a directory under ``scratch_dir``; ``pool/image@snapshot``;
+#: ``pool/image`` (a clone named by the Glance image id).
+SCRATCH_DIR = 'scratch_dir'
+RBD_SNAPSHOT = 'rbd_snapshot'
+RBD_CLONE = 'rbd_clone'
+#: Who a resource can be handed over to (``job.handed_over(to=...)``):
+#: Glance, as the image's data; the background RBD flattener.
+GLANCE = 'glance'
+FLATTENER = 'flattener'
 
 
 @dataclasses.dataclass(frozen=True)

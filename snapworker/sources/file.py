@@ -8,7 +8,6 @@ The disk and every file of its backing chain must lie inside
 import json
 import os
 import shutil
-import tempfile
 
 from snapworker import exception
 from snapworker import streams
@@ -21,9 +20,32 @@ from snapworker.streams import passthrough
 _READABLE_FORMATS = ('raw', 'qcow2')
 
 
+#: Scratch directories are ``<scratch_dir>/convert-<image id>``: named
+#: before they exist, so the journal can list one before it is created.
+_SCRATCH_PREFIX = 'convert-'
+
+
 def _inside(path, directory):
     directory = os.path.realpath(directory)
     return os.path.commonpath([path, directory]) == directory
+
+
+def remove_scratch_dir(conf, path):
+    """Remove a scratch directory a job of a crashed worker left.
+
+    The path comes from a journal file, so only a ``convert-*`` directory
+    directly inside ``scratch_dir`` is ever removed; gone already is fine.
+    """
+    parent = os.path.realpath(conf.scratch_dir)
+    real = os.path.realpath(path)
+    if (os.path.dirname(real) != parent
+            or not os.path.basename(real).startswith(_SCRATCH_PREFIX)):
+        raise ValueError(f'{path} is not a scratch directory of '
+                         f'{conf.scratch_dir}')
+    try:
+        shutil.rmtree(real)
+    except FileNotFoundError:
+        pass
 
 
 class FileSource(base.Source):
@@ -150,8 +172,9 @@ class ConvertPlan(base.Plan):
     """Nova's way: ``qemu-img convert`` into scratch, then upload the copy.
 
     Kept for what a single-pass stream cannot produce. The scratch copy
-    lives in its own directory under ``scratch_dir`` and is removed by
-    ``cleanup`` whatever happened.
+    lives in its own directory under ``scratch_dir``, journalled before it
+    is made, and is removed by ``cleanup`` whatever happened (or, after a
+    crash, by recovery through ``remove_scratch_dir``).
     """
 
     strategy = 'convert'
@@ -166,9 +189,15 @@ class ConvertPlan(base.Plan):
         self._workdir = None
 
     def run(self, job):
+        workdir = os.path.join(os.path.abspath(self._scratch_dir),
+                               _SCRATCH_PREFIX + job.image_id)
+        job.track(base.SCRATCH_DIR, workdir)
         os.makedirs(self._scratch_dir, exist_ok=True)
-        self._workdir = tempfile.mkdtemp(prefix='convert-',
-                                         dir=self._scratch_dir)
+        # Only a job for the same image can have made it, and the journal
+        # lets one such job run at a time: what is there is a leftover.
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.mkdir(workdir, 0o700)
+        self._workdir = workdir
         copy = os.path.join(self._workdir, f'image.{self.target_format}')
         read = utils.execute_counting_reads(
             'qemu-img', 'convert', '-t', 'none', '-f', self._facts.format,

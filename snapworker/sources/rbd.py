@@ -39,11 +39,15 @@ see tests/functional/test_rbd.py:
   Glance pool for it or choose ``sync``.
 
 Crash safety: every snapshot the worker makes on an instance disk is named
-``snapworker-<glance image id>`` (SNAP_PREFIX). A worker killed between the
-snapshot and its removal (in a job, or in the background flatten) leaves
-that snapshot behind; whether the image id is still an active Glance image
-tells the operator whether to flatten its clone first
-(``rbd flatten <glance pool>/<image id>``) or just to remove the snapshot.
+``snapworker-<glance image id>`` (SNAP_PREFIX), and the plans journal each
+snapshot and clone before creating it (``job.track``), the clone as
+Glance's before registering it and the snapshot as the flattener's when a
+background flatten is queued (``job.handed_over``). A worker killed in
+between removes them when it starts again (``remove_leftover``) or queues
+the flatten again (``resume_flatten``); see journal.py. Without a journal
+record, whether the image id is still an active Glance image tells the
+operator whether to flatten its clone first (``rbd flatten <glance
+pool>/<image id>``) or just to remove the snapshot.
 """
 
 import queue
@@ -53,6 +57,7 @@ import time
 import rados
 import rbd
 from oslo_log import log as logging
+from oslo_utils import uuidutils
 
 from snapworker import exception
 from snapworker import streams
@@ -99,6 +104,61 @@ def connect(conf):
 
 def snap_name(image_id):
     return SNAP_PREFIX + image_id
+
+
+def _split_ref(ref):
+    """``pool/image[@snap]`` -> (pool, image, snap or None)."""
+    spec, _, snap = ref.partition('@')
+    pool, _, name = spec.partition('/')
+    if not (pool and name):
+        raise ValueError(f'{ref!r} is not pool/image[@snapshot]')
+    return pool, name, snap or None
+
+
+def remove_leftover(conf, kind, ref):
+    """Remove an RBD snapshot or clone that a crashed worker's job left.
+
+    :param kind: ``base.RBD_SNAPSHOT`` (ref ``pool/image@snapworker-*``)
+        or ``base.RBD_CLONE`` (ref ``pool/<image id>``).
+
+    The ref comes from a journal file, so only what this worker creates
+    is touched: snapshots named with SNAP_PREFIX, clones named by an
+    image id. Gone already (image, snapshot or pool) is success.
+    """
+    pool, name, snap = _split_ref(ref)
+    if kind == base.RBD_SNAPSHOT:
+        if not (snap or '').startswith(SNAP_PREFIX):
+            raise ValueError(f'{ref!r} is not a snapworker snapshot')
+    elif kind != base.RBD_CLONE or snap or not uuidutils.is_uuid_like(name):
+        raise ValueError(f'{ref!r} is not a snapworker {kind}')
+    conn = connect(conf)
+    try:
+        with conn.open_ioctx(pool) as ioctx:
+            if snap:
+                _remove_snap(ioctx, name, snap)
+            else:
+                _remove_image(ioctx, name)
+    except rados.ObjectNotFound:
+        LOG.info('Pool %s is gone, and %s with it', pool, ref)
+    except (rados.Error, rbd.Error) as e:
+        raise exception.RbdError(operation='cleanup', target=ref,
+                                 reason=str(e)) from e
+    finally:
+        conn.shutdown()
+
+
+def resume_flatten(conf, snapshot_ref, clone_ref, done):
+    """Queue again a background flatten a stopped worker did not finish.
+
+    The clone stayed valid (a partial flatten is), so the task simply
+    starts over: flatten ``clone_ref``, then remove ``snapshot_ref``.
+    """
+    pool, name, snap = _split_ref(snapshot_ref)
+    glance_pool, clone, _ = _split_ref(clone_ref)
+    if not (snap or '').startswith(SNAP_PREFIX):
+        raise ValueError(f'{snapshot_ref!r} is not a snapworker snapshot')
+    FLATTENER.submit(conf, pool, name, snap, glance_pool, clone,
+                     on_done=done)
 
 
 def _remove_snap(ioctx, name, snap):
@@ -354,8 +414,12 @@ class _SourceSnapshotMixin:
 
     _snap = None
 
+    def _snap_ref(self, snap):
+        return f'{self._source.pool}/{self._source.name}@{snap}'
+
     def _take_snapshot(self, job):
         snap = snap_name(job.image_id)
+        job.track(base.RBD_SNAPSHOT, self._snap_ref(snap))
         try:
             with rbd.Image(self._source.ioctx, self._source.name) as image:
                 image.create_snap(snap)
@@ -454,6 +518,8 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
                 target=self._glance_pool,
                 reason=str(e)) from e
         snap = self._take_snapshot(job)
+        clone_ref = f'{self._glance_pool}/{job.image_id}'
+        job.track(base.RBD_CLONE, clone_ref)
         try:
             protected = self._make_clone(job.image_id, snap)
             if protected and self.policy == 'never':
@@ -476,6 +542,9 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
                 reason=str(e)) from e
         url = (f'rbd://{src.fsid}/{self._glance_pool}/{self._clone}/'
                f'{GLANCE_SNAP}')
+        # Journalled first: after a crash during registration, the clone
+        # is kept if the image became active and removed with it if not.
+        job.handed_over(base.RBD_CLONE, clone_ref, to=base.GLANCE)
         job.register_location(url)
         # Glance owns the clone now: deleting the image deletes it.
         self._handed_over = True
@@ -484,8 +553,11 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
             # named snapshot goes so that nothing visible pins the disk.
             self._drop_snapshot()
         elif self.policy == 'background' and self._snap:
+            done = job.handed_over(base.RBD_SNAPSHOT,
+                                   self._snap_ref(self._snap),
+                                   to=base.FLATTENER, clone=clone_ref)
             FLATTENER.submit(src.conf, src.pool, src.name, self._snap,
-                             self._glance_pool, self._clone)
+                             self._glance_pool, self._clone, on_done=done)
             self._snap = None
 
     def _make_clone(self, image_id, snap):
@@ -529,7 +601,9 @@ class Flattener:
 
     One daemon thread, started on first use, works through a queue with
     its own Ceph connection per task: flatten the clone (deep-flatten:
-    its ``snap`` too), then remove the source snapshot. A clone Glance
+    its ``snap`` too), then remove the source snapshot and call the
+    task's ``on_done`` (which drops it from the journal; a task that
+    failed stays there for the next start to retry). A clone Glance
     already deleted is not an error (the snapshot is removed anyway). On
     stop (``stop()``, when the worker stops) it waits up to
     ``_STOP_WAIT`` seconds and then abandons the rest: an interrupted
@@ -544,19 +618,21 @@ class Flattener:
         self._stopping = threading.Event()
         self.pending = 0
 
-    def submit(self, conf, pool, name, snap, glance_pool, clone):
+    def submit(self, conf, pool, name, snap, glance_pool, clone,
+               on_done=None):
         with self._lock:
             self.pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, name='rbd-flatten', daemon=True)
                 self._thread.start()
-        self._queue.put((conf, pool, name, snap, glance_pool, clone))
+        self._queue.put(((conf, pool, name, snap, glance_pool, clone),
+                         on_done))
 
     def _loop(self):
         while not self._stopping.is_set():
             try:
-                task = self._queue.get(timeout=0.5)
+                task, on_done = self._queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
@@ -565,6 +641,9 @@ class Flattener:
                 LOG.exception('Background flatten of %s/%s failed; snapshot '
                               '%s/%s@%s left in place', task[4], task[5],
                               task[1], task[2], task[3])
+            else:
+                if on_done is not None:
+                    on_done()
             finally:
                 with self._lock:
                     self.pending -= 1

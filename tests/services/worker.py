@@ -19,11 +19,12 @@ READY_LINE = 'snapworker listening'
 
 
 def write_config(path, *, host, services, instances_path, scratch_dir,
-                 glance_url=None, extra=None):
+                 glance_url=None, extra=None, journal_dir=None):
     """A worker config for the local services (``services.json`` dict).
 
     :param glance_url: the Glance to use; the trusted-headers one of the
         services by default.
+    :param journal_dir: ``journal`` beside ``scratch_dir`` by default.
     :param extra: ``{'group.option': value}`` (no group: DEFAULT).
     """
     text = textwrap.dedent(f"""\
@@ -37,6 +38,8 @@ def write_config(path, *, host, services, instances_path, scratch_dir,
         graceful_shutdown_timeout = 60
         [worker]
         progress_interval = 0.2
+        journal_dir = {journal_dir or os.path.join(
+            os.path.dirname(scratch_dir), 'journal')}
         [glance]
         auth_strategy = noauth
         endpoint_override = {glance_url or services['glance_url']}

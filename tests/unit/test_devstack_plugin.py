@@ -148,6 +148,9 @@ class DevstackPluginTest(testtools.TestCase):
                          conf.has_option('rbd', 'user'))
         self.assertTrue(os.path.isdir(os.path.join(
             self.tmp, 'data', 'snapworker', 'scratch')))
+        journal = os.path.join(self.tmp, 'data', 'snapworker', 'journal')
+        self.assertEqual(journal, conf.get('worker', 'journal_dir'))
+        self.assertTrue(os.path.isdir(journal))
         nova = self.read_ini(self.nova_conf)
         self.assertEqual('snapworker.SnapworkerLibvirtDriver',
                          nova.get('DEFAULT', 'compute_driver'))

@@ -52,7 +52,9 @@ class ManagerTestCase(testtools.TestCase):
                          # a stopped listener of an earlier test would
                          # still take one message from a shared one.
                          control_exchange=uuidutils.generate_uuid())
-        self.conf.config(progress_interval=0, group='worker')
+        self.conf.config(progress_interval=0,
+                         journal_dir=os.path.join(self.tmp, 'journal'),
+                         group='worker')
         # As snapworker-worker sets it: dispatch in arrival order.
         self.conf.config(executor_thread_pool_size=1)
         self.hypervisor = fakes.FakeHypervisor()

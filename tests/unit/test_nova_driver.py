@@ -1,14 +1,20 @@
-"""The Nova side's pieces that need no nova-compute: waiting, installing.
+"""The Nova side's pieces that need no nova-compute: waiting, installing,
+which disks are delegated and in what format.
 
 ``snapworker.nova.driver`` itself imports ``nova.conf``, which cannot be
 registered after snapworker's options in one process (both define
 ``[DEFAULT] host``); it is tested through real child nova-compute
-processes in tests/functional/test_nova_driver.py.
+processes in tests/functional/test_nova_driver.py. For the same reason
+Nova's own disk naming is asked in a child Python here.
 """
 
 import collections
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from unittest import mock
 
 import testtools
@@ -17,6 +23,7 @@ from nova import exception as nova_exception
 from snapworker import events
 from snapworker import notifications
 from snapworker.nova import conf as nova_conf
+from snapworker.nova import disks
 from snapworker.nova import exception
 from snapworker.nova import install
 from snapworker.nova import waiter
@@ -213,3 +220,91 @@ class ConfTest(testtools.TestCase):
             {'topic', 'disk_types', 'accept_timeout', 'timeout_base',
              'timeout_per_gib', 'status_poll_interval'},
             {opt.name for opt in opts})
+
+    def test_disk_types_default_to_every_type_the_worker_reads(self):
+        ((_group, opts),) = nova_conf.list_opts()
+        disk_types = next(o for o in opts if o.name == 'disk_types')
+
+        self.assertEqual(['qcow2', 'raw', 'rbd', 'lvm'], disk_types.default)
+        self.assertEqual(list(disks.DELEGATED_TYPES), disk_types.default)
+
+
+class ImageFormatTest(testtools.TestCase):
+    """Nova's "save lvm and rbd as raw", and its snapshot_image_format."""
+
+    def test_file_disks_keep_their_format(self):
+        self.assertEqual('qcow2', disks.image_format('qcow2'))
+        self.assertEqual('raw', disks.image_format('raw'))
+
+    def test_block_backends_are_saved_as_raw(self):
+        # A raw target is also what lets the worker clone an RBD disk.
+        self.assertEqual('raw', disks.image_format('rbd'))
+        self.assertEqual('raw', disks.image_format('lvm'))
+
+    def test_snapshot_image_format_wins(self):
+        self.assertEqual('qcow2', disks.image_format('rbd', 'qcow2'))
+        self.assertEqual('qcow2', disks.image_format('lvm', 'qcow2'))
+        self.assertEqual('raw', disks.image_format('qcow2', 'raw'))
+
+
+#: Nova's own naming of a root disk, as LibvirtDriver.snapshot() does it:
+#: the domain XML parsed by Nova's config classes, ``find_disk``, then
+#: ``get_disk_type_from_path`` or the driver format.
+_NOVA_NAMES = textwrap.dedent("""\
+    import json, sys, uuid
+    from nova.virt.libvirt import config, utils
+    out = []
+    for disk in json.load(sys.stdin):
+        guest = config.LibvirtConfigGuest()
+        guest.parse_str(
+            "<domain type='kvm'><name>x</name><uuid>%s</uuid>"
+            "<memory>65536</memory><os><type>hvm</type></os>"
+            "<devices>%s</devices></domain>" % (uuid.uuid4(), disk))
+        fake = type('Guest', (), {'get_config': lambda self: guest})()
+        path, fmt = utils.find_disk(fake)
+        out.append([path, utils.get_disk_type_from_path(path) or fmt])
+    print(json.dumps(out))
+    """)
+
+
+class NovaDiskNamesTest(testtools.TestCase):
+    """The names in disk_types are the ones Nova 34 gives these disks."""
+
+    def nova_names(self, *disk_xml):
+        env = dict(os.environ, OS_NOVA_DISABLE_EVENTLET_PATCHING='1')
+        proc = subprocess.run([sys.executable, '-c', _NOVA_NAMES],
+                              input=json.dumps(disk_xml), env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(0, proc.returncode, proc.stderr[-2000:])
+        return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+    def test_delegated_disks_are_named_as_in_disk_types(self):
+        names = self.nova_names(
+            # images_type = rbd
+            "<disk type='network' device='disk'>"
+            "<driver name='qemu' type='raw'/>"
+            "<source protocol='rbd' name='vms/1234_disk'>"
+            "<host name='127.0.0.1' port='6789'/></source>"
+            "<target dev='vda' bus='virtio'/></disk>",
+            # images_type = lvm (or any block device under /dev)
+            "<disk type='block' device='disk'>"
+            "<driver name='qemu' type='raw'/>"
+            "<source dev='/dev/nova-vg/1234_disk'/>"
+            "<target dev='vda' bus='virtio'/></disk>",
+            # images_type = qcow2 / flat
+            "<disk type='file' device='disk'>"
+            "<driver name='qemu' type='qcow2'/>"
+            "<source file='/var/lib/nova/instances/1234/disk'/>"
+            "<target dev='vda' bus='virtio'/></disk>",
+            "<disk type='file' device='disk'>"
+            "<driver name='qemu' type='raw'/>"
+            "<source file='/var/lib/nova/instances/1234/disk'/>"
+            "<target dev='vda' bus='virtio'/></disk>")
+
+        self.assertEqual(
+            [('rbd:vms/1234_disk', 'rbd'),
+             ('/dev/nova-vg/1234_disk', 'lvm'),
+             ('/var/lib/nova/instances/1234/disk', 'qcow2'),
+             ('/var/lib/nova/instances/1234/disk', 'raw')], names)
+        self.assertEqual(set(disks.DELEGATED_TYPES),
+                         {name for _path, name in names})
