@@ -11,14 +11,13 @@ image deleted, and one ``snapshot.create.error`` (``WorkerRestarted``).
 import os
 import signal
 import time
-import uuid
 
 import rbd
 
 from snapworker import events
 from snapworker.conf import CONF
 from tests.functional import base
-from tests.services import ceph
+from tests.functional import rbd_helpers
 from tests.services import worker as worker_service
 
 MiB = 1024 * 1024
@@ -132,51 +131,19 @@ class ConvertCrashTest(CrashRecoveryTestCase):
         self.assertEqual([], self.journal_records())
 
 
-class RbdCrashTestCase(CrashRecoveryTestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.cluster = ceph.CephCluster.from_dict(cls.services['ceph'])
-        cls.conn = cls.cluster.connect(admin=True)
-        cls.vms = cls.conn.open_ioctx('vms')
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.vms.close()
-        cls.conn.shutdown()
-        super().tearDownClass()
+class RbdCrashTestCase(rbd_helpers.RbdTestMixin, CrashRecoveryTestCase):
 
     def make_rbd_disk(self, size=256 * MiB, data=128 * MiB):
-        name = f'{uuid.uuid4()}_disk'
-        rbd.RBD().create(self.vms, name, size)
-        self.addCleanup(self._remove_rbd, name)
-        chunk = bytes(range(256)) * (4 * MiB // 256)
-        with rbd.Image(self.vms, name) as image:
-            for offset in range(0, data, len(chunk)):
-                image.write(chunk, offset)
+        """A disk big enough that a snapshot of it is still running when
+        the worker gets killed."""
+        name, _ = super().make_rbd_disk(
+            size, [(offset, 4 * MiB, offset // MiB % 251 + 1)
+                   for offset in range(0, data, 4 * MiB)])
         return name
-
-    def _remove_rbd(self, name):
-        try:
-            with rbd.Image(self.vms, name) as image:
-                for snap in list(image.list_snaps()):
-                    image.remove_snap(snap['name'])
-            rbd.RBD().remove(self.vms, name)
-        except rbd.ImageNotFound:
-            pass
 
     def snaps(self, name):
         with rbd.Image(self.vms, name, read_only=True) as image:
             return [s['name'] for s in image.list_snaps()]
-
-    def define_rbd_domain(self, name):
-        return self.define_domain(disk_xml=(
-            "<disk type='network' device='disk'>"
-            "<driver name='qemu' type='raw'/>"
-            f"<source protocol='rbd' name='vms/{name}'>"
-            "<host name='127.0.0.1' port='6789'/></source>"
-            "<target dev='vda' bus='virtio'/></disk>"))
 
 
 class RbdStreamCrashTest(RbdCrashTestCase):
@@ -240,8 +207,6 @@ class BackgroundFlattenCrashTest(RbdCrashTestCase):
             # The job had ended: nothing to report again.
             self.assertIsNone(sub.wait(1))
         self.assertEqual('active', self.image_status(image_id))
-        images = self.conn.open_ioctx('images')
-        self.addCleanup(images.close)
-        with rbd.Image(images, image_id, snapshot='snap',
+        with rbd.Image(self.images, image_id, snapshot='snap',
                        read_only=True) as clone:
             self.assertRaises(rbd.ImageNotFound, clone.parent_info)

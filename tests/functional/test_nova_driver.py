@@ -33,11 +33,10 @@ import time
 import traceback
 import uuid
 
-import rbd
 from testtools import content
 
 from tests.functional import base
-from tests.services import ceph
+from tests.functional import rbd_helpers
 from tests.services import glance as glance_service
 
 # nova-compute's own order: parse nova.conf (which sets Nova's messaging
@@ -407,7 +406,7 @@ class NovaDriverTestCase(NovaComputeTestBase):
         self.assertImageIs(image_id, disk, 'qcow2')
 
 
-class NovaDriverRbdTest(NovaComputeTestBase):
+class NovaDriverRbdTest(rbd_helpers.RbdTestMixin, NovaComputeTestBase):
     """RBD root disks (Nova's ``images_type = rbd``) on the real Ceph.
 
     The worker's Glance (the unauthenticated one, which Nova's token-only
@@ -422,20 +421,8 @@ class NovaDriverRbdTest(NovaComputeTestBase):
 
     worker_conf = {'rbd.glance_pool': 'images'}
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.cluster = ceph.CephCluster.from_dict(cls.services['ceph'])
-        cls.conn = cls.cluster.connect(admin=True)
-        cls.vms = cls.conn.open_ioctx('vms')
-        cls.images = cls.conn.open_ioctx('images')
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.vms.close()
-        cls.images.close()
-        cls.conn.shutdown()
-        super().tearDownClass()
+    def make_rbd_disk(self):
+        return super().make_rbd_disk(RBD_SIZE, RBD_WRITES)
 
     def rbd_libvirt_opts(self):
         """nova.conf ``[libvirt]`` of a compute host on this Ceph."""
@@ -443,71 +430,6 @@ class NovaDriverRbdTest(NovaComputeTestBase):
                 'images_rbd_ceph_conf': self.cluster.conf_path,
                 'rbd_user': self.cluster.client_user,
                 'rbd_secret_uuid': str(uuid.uuid4())}
-
-    def make_rbd_disk(self):
-        """``vms/<uuid>_disk`` with RBD_WRITES; returns (name, its data)."""
-        name = f'{uuid.uuid4()}_disk'
-        rbd.RBD().create(self.vms, name, RBD_SIZE)
-        self.addCleanup(self._remove_rbd, self.vms, name)
-        written = bytearray(RBD_SIZE)
-        with rbd.Image(self.vms, name) as image:
-            for offset, length, byte in RBD_WRITES:
-                chunk = bytes([byte]) * length
-                image.write(chunk, offset)
-                written[offset:offset + length] = chunk
-        return name, bytes(written)
-
-    @staticmethod
-    def _remove_rbd(ioctx, name, timeout=10):
-        """Remove an image and its snapshots, as Nova deletes a disk.
-
-        Retried on ImageBusy like Nova's ``rbd_destroy_volume_retries``: a
-        client that just closed the image may still hold its watch.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with rbd.Image(ioctx, name) as image:
-                    for snap in list(image.list_snaps()):
-                        if image.is_protected_snap(snap['name']):
-                            image.unprotect_snap(snap['name'])
-                        image.remove_snap(snap['name'])
-                rbd.RBD().remove(ioctx, name)
-                return
-            except rbd.ImageNotFound:
-                return
-            except (rbd.ImageBusy, rbd.ImageHasSnapshots):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def define_rbd_domain(self, name, running=False):
-        """A domain whose root disk is Nova's rbd network disk."""
-        return self.define_domain(running=running, disk_xml=(
-            "<disk type='network' device='disk'>"
-            "<driver name='qemu' type='raw'/>"
-            f"<source protocol='rbd' name='vms/{name}'>"
-            "<host name='127.0.0.1' port='6789'/></source>"
-            "<target dev='vda' bus='virtio'/></disk>"))
-
-    def read_rbd(self, ioctx, name, snapshot=None):
-        with rbd.Image(ioctx, name, snapshot=snapshot,
-                       read_only=True) as image:
-            return image.read(0, image.size())
-
-    def wait_no_worker_snaps(self, name, timeout=60):
-        """Until the worker's background flatten dropped its snapshot."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with rbd.Image(self.vms, name, read_only=True) as image:
-                left = [s['name'] for s in image.list_snaps()
-                        if s['name'].startswith('snapworker-')]
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                self.fail(f'snapshots left on {name}: {left}\n'
-                          f'{self.worker.log_tail()}')
-            time.sleep(0.1)
 
     def assertCloned(self, image_id, result, data):
         end = self.event_payload(result, 'snapshot.create.end')
