@@ -56,6 +56,10 @@ class Domain:
     name: str
     state: str
     root_disk: RootDisk | None
+    #: The guest's memory is saved to be restored: Nova's
+    #: ``_suspend_guest_for_snapshot`` stopped a running guest this way and
+    #: resumes it when the disk is released. A guest is waiting on us.
+    managed_save: bool = False
 
     @property
     def shut_off(self):
@@ -112,6 +116,7 @@ class Hypervisor:
             state, _reason = dom.state()
             xml = dom.XMLDesc(0)
             name = dom.name()
+            managed_save = bool(dom.hasManagedSaveImage(0))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise exception.InstanceNotFound(
@@ -119,7 +124,8 @@ class Hypervisor:
             raise
         return Domain(uuid=instance_uuid, name=name,
                       state=_STATE_NAMES.get(state, f'state {state}'),
-                      root_disk=parse_root_disk(xml))
+                      root_disk=parse_root_disk(xml),
+                      managed_save=managed_save)
 
     def close(self):
         with self._lock:

@@ -159,7 +159,10 @@ class SnapshotJob:
         # Glance keeps it; the others do not pay for the lookup.
         stores = self._images.stores() if (
             source.wants_glance_stores) else None
-        self._plan = plan = source.plan(target_format, stores)
+        release_first = domain.managed_save and (
+            self._conf.worker.suspended_guest_plan == 'release_first')
+        self._plan = plan = source.plan(target_format, stores,
+                                        release_first=release_first)
         self._describe(facts, plan)
         self._emitter.start()
         self._held_since = self._clock()

@@ -27,6 +27,25 @@ opts = [
                min=1,
                help='Seconds to wait, after the image data is in Glance, '
                     'for Glance to report the image ``active``.'),
+    cfg.StrOpt('suspended_guest_plan',
+               default='release_first',
+               choices=[
+                   ('release_first',
+                    'Copy the disk into scratch_dir first (Nova\'s way) '
+                    'and upload the copy: the guest resumes as soon as '
+                    'the local copy exists.'),
+                   ('stream',
+                    'Stream as for a shut-off instance: no scratch space, '
+                    'one read, but the guest waits for the whole upload.'),
+               ],
+               help='Plan for a file or block disk whose guest Nova '
+                    'suspended for the snapshot (the domain has a managed '
+                    'save image) and resumes when the worker releases the '
+                    'disk. A stream holds the disk until Glance has taken '
+                    'every byte; a local copy releases it after one disk '
+                    'read. RBD disks are released at once either way (an '
+                    'RBD snapshot), and instances Nova found shut off '
+                    'always stream.'),
     cfg.BoolOpt('compress_qcow2',
                 default=False,
                 help='Compress qcow2 snapshots, like Nova\'s [libvirt] '

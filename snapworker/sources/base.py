@@ -127,13 +127,16 @@ class Source(abc.ABC):
         """Return ``SourceFacts``; raise UnsupportedDisk when unusable."""
 
     @abc.abstractmethod
-    def plan(self, target_format, store=None):
+    def plan(self, target_format, store=None, release_first=False):
         """Return the cheapest ``Plan`` for the target format.
 
         :param target_format: 'raw' or 'qcow2' (already resolved: None
             means the source's own format and is replaced by the caller).
         :param store: facts about the Glance store the image will live in,
             for plans that can reference data in place (RBD clones).
+        :param release_first: a suspended guest waits for the disk
+            (``[worker] suspended_guest_plan``): prefer the plan that
+            releases it soonest over the one that finishes soonest.
         """
 
     def close(self):

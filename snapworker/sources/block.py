@@ -12,6 +12,7 @@ import stat
 from snapworker import exception
 from snapworker import streams
 from snapworker.sources import base
+from snapworker.sources import file as file_source
 from snapworker.streams import extents
 
 _DEVICE_DIR = '/dev'
@@ -49,7 +50,10 @@ class BlockSource(base.Source):
                                       virtual_size=size, location=real)
         return self.facts
 
-    def plan(self, target_format, store=None):
+    def plan(self, target_format, store=None, release_first=False):
+        if release_first:
+            return file_source.release_first_plan(target_format, self.facts,
+                                                  self._conf)
         path = self.facts.location
         chunk = self._conf.worker.chunk_size
         return base.StreamPlan(

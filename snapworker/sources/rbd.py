@@ -331,7 +331,7 @@ class RbdSource(base.Source):
             for handle in reversed(opened):
                 handle.close()
 
-    def plan(self, target_format, store=None):
+    def plan(self, target_format, store=None, release_first=False):
         """Clone when Glance keeps raw images in this cluster, else stream.
 
         ``store`` is the list ``ImageService.stores()`` returns (or None):
@@ -343,6 +343,9 @@ class RbdSource(base.Source):
         rbd, same cluster                              qcow2     stream
         any other store, or none known                 any       stream
         =============================================  ========  =======
+
+        ``release_first`` changes nothing: both plans release the disk as
+        soon as their RBD snapshot exists.
         """
         target = self._glance_target(store or [])
         if target_format == 'raw' and target.get('pool'):

@@ -180,7 +180,7 @@ class FunctionalTestCase(testtools.TestCase):
         try:
             if dom.isActive():
                 dom.destroy()
-            dom.undefine()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         except libvirt.libvirtError:
             pass
 

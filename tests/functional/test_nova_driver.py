@@ -561,11 +561,17 @@ class NovaDriverLvmTest(NovaComputeTestBase):
             "</disk>"))
         return backing, instance_uuid, dom
 
-    def assertStreamed(self, image_id, result, backing):
+    def assertSnapshotOf(self, image_id, result, backing,
+                         strategy='stream'):
+        """The image is the device's content, made by ``strategy``:
+        ``stream`` (no scratch) for a shut-off instance, ``convert`` (a
+        local copy first) for a guest Nova suspended and waits to resume.
+        """
         end = self.event_payload(result, 'snapshot.create.end')
-        self.assertEqual(('stream', 'block', 'raw', 0),
+        self.assertEqual((strategy, 'block', 'raw'),
                          (end['strategy'], end['source_kind'],
-                          end['target_format'], end['scratch_bytes']))
+                          end['target_format']))
+        self.assertEqual(strategy == 'convert', end['scratch_bytes'] > 0)
         self.assertEqual('local', self.glance.images.get(image_id)['stores'])
         self.assertImageIs(image_id, backing, 'raw')
         self.assertFalse(os.path.exists(result['snapshots_directory']))
@@ -581,7 +587,7 @@ class NovaDriverLvmTest(NovaComputeTestBase):
                           ('image_uploading', 'image_pending_upload')],
                          self.task_states(result))
         self.assertEqual('end [shutdown]', self.steps(result)[-1])
-        self.assertStreamed(image_id, result, backing)
+        self.assertSnapshotOf(image_id, result, backing)
 
     def test_running_lvm_instance_is_cold_even_on_qemu(self):
         # Nova never snapshots an lvm disk live; with QEMU's version check
@@ -603,4 +609,6 @@ class NovaDriverLvmTest(NovaComputeTestBase):
         self.assertLess(steps.index('_resume_guest_after_snapshot [running]'),
                         steps.index('end [running]'))
         self.assertEqual(1, dom.isActive())
-        self.assertStreamed(image_id, result, backing)
+        # The guest waits: the worker copies the device first to resume
+        # it sooner ([worker] suspended_guest_plan = release_first).
+        self.assertSnapshotOf(image_id, result, backing, 'convert')

@@ -64,6 +64,26 @@ class SnapshotToGlanceTest(base.FunctionalTestCase):
             self.assertEqual(target, end['target_format'])
             self.assertEqual(32 * 1024 * 1024, end['virtual_size'])
 
+    def test_suspended_guest_is_released_before_the_upload(self):
+        # What Nova's _suspend_guest_for_snapshot leaves: a managed save.
+        disk = self.make_disk('suspended', 'qcow2', size='64M',
+                              writes=('write -P 0x5a 0 32M',))
+        instance, dom = self.define_domain(path=disk, running=True)
+        dom.managedSave(0)
+        image_id = self.create_image()
+        events = self.snapshot(instance, image_id)
+        self.assertEqual(EVENT_ORDER, [e.event_type for e in events
+                                       if e.event_type != 'snapshot.progress'])
+        released, end = events[1].payload, events[-1].payload
+        self.assertEqual('convert', end['strategy'])
+        self.assertIn('guest suspended', end['plan_reason'])
+        self.assertEqual(0, released['bytes_uploaded'])
+        self.assertLess(end['source_held_seconds'], end['duration_seconds'])
+        self.assertGreater(end['scratch_bytes'], 0)
+        stored = self.download(image_id, 'qcow2')
+        self.assertTrue(base.images_identical(disk, stored))
+        self.assertNoScratchLeft()
+
     def test_compressed_qcow2_goes_through_scratch_and_cleans_it(self):
         # The worker of this class does not compress; a second worker
         # would be needed to test compress_qcow2 end to end: see

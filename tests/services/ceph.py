@@ -7,8 +7,12 @@ rbd store agree with it, and fakes cannot tell us that.
 Shape (see /work/shared/notes/ceph.md for the measurements behind each choice):
 
 * 1 mon + 1 mgr + 1 OSD, loopback only, everything under ``state_dir``.
-* The OSD uses ``memstore``: no disk, every written byte lives in OSD RAM. Keep
-  test data small.
+* The OSD uses ``memstore`` by default: no disk, every written byte lives in
+  OSD RAM. Keep test data small. ``objectstore="bluestore"`` puts BlueStore
+  on a sparse file in the state dir instead, for data that does not fit in
+  RAM (benchmarks of multi-GiB images): it starts a few seconds slower and
+  costs real disk space, up to ``bluestore_bytes``, until :meth:`stop`
+  removes the file.
 * cephx on; every key is made up front with ``ceph-authtool`` and imported into
   the mon keyring before ``ceph-mon --mkfs``, so no ``ceph auth`` round trips.
 * Mon commands go through one librados connection, not the ``ceph`` CLI (each
@@ -20,6 +24,8 @@ Shape (see /work/shared/notes/ceph.md for the measurements behind each choice):
 Usage::
 
     cluster = ceph.start("/tmp/x")          # about 4-8 s
+    ceph.start("/tmp/y", objectstore="bluestore",
+               bluestore_bytes=32 * 1024**3)  # a sparse 32 GiB file
     cluster.client_user, cluster.client_keyring, cluster.conf_path
     json.dump(cluster.to_dict(), f)         # hand over to another process
     cluster.stop()                          # or ceph.stop_from_dict(d)
@@ -48,6 +54,14 @@ POOLS = ("vms", "images")
 PG_NUM = 8
 CLIENT_ID = "snapworker"
 MEMSTORE_BYTES = 4 * 1024**3
+OBJECTSTORES = ("memstore", "bluestore")
+#: Logical size of BlueStore's sparse block file. Disk blocks are only used
+#: as data is written, but BlueStore does not give freed space back to the
+#: file (no discard on a regular file): what it ever allocated stays used
+#: until stop() removes the file, so this is also the worst-case disk use.
+BLUESTORE_BYTES = 16 * 1024**3
+#: BlueStore's block file, inside the OSD's data dir.
+BLOCK_FILE = "block"
 #: Mgr modules Pacific insists on ("always on"); importing all of
 #: /usr/share/ceph/mgr costs ~7 s of CPU, these ~1 s.
 MGR_MODULES = (
@@ -101,6 +115,7 @@ class CephCluster:
     client_keyring: str
     mon_host: str
     pools: tuple = POOLS
+    objectstore: str = "memstore"
     pids: dict = dataclasses.field(default_factory=dict)
     _procs: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -141,7 +156,9 @@ class CephCluster:
         """Stop OSD, then mgr, then mon (an OSD waits 5 s for a missing mon).
 
         Leaves no ceph process behind: SIGTERM, then SIGKILL after a grace.
-        The state dir (logs) is kept for the caller to inspect or delete.
+        The state dir (logs) is kept for the caller to inspect or delete,
+        except BlueStore's block file, removed once the OSD is gone: it can
+        hold many GiB of real disk space and nothing can use it any more.
         The OSD shuts down fast without saving memstore, so the data is
         gone: a stopped cluster cannot be started again.
         """
@@ -150,6 +167,7 @@ class CephCluster:
                       self.conf_path)
         self.pids.clear()
         self._procs.clear()
+        _remove_block_file(self.state_dir)
 
 
 def stop_from_dict(d):
@@ -157,17 +175,28 @@ def stop_from_dict(d):
     CephCluster.from_dict(d).stop()
 
 
-def start(state_dir, timeout=START_TIMEOUT):
+def start(state_dir, timeout=START_TIMEOUT, objectstore="memstore",
+          bluestore_bytes=BLUESTORE_BYTES):
     """Create a cluster in ``state_dir``, start it, wait until it is healthy.
 
     ``state_dir`` is created if missing and must not hold a previous cluster;
     keep its path short (admin socket paths are limited to 107 characters).
+    ``objectstore`` is ``"memstore"`` (data in OSD RAM, capped at
+    ``MEMSTORE_BYTES``) or ``"bluestore"`` (a sparse file of
+    ``bluestore_bytes`` in ``state_dir``, for more data than RAM allows).
     Raises :class:`CephError` (with log tails) if it is not HEALTH_OK with
     the pools active+clean within ``timeout`` seconds; nothing is left
-    running then.
+    running then, and no block file either.
     """
+    if objectstore not in OBJECTSTORES:
+        raise ValueError(f"objectstore must be one of {OBJECTSTORES}, "
+                         f"not {objectstore!r}")
     state_dir = os.path.abspath(state_dir)
-    cluster = _prepare(state_dir)
+    try:
+        cluster = _prepare(state_dir, objectstore, bluestore_bytes)
+    except BaseException:
+        _remove_block_file(state_dir)
+        raise
     try:
         _boot(cluster, time.monotonic() + timeout)
         _write_state(cluster)
@@ -179,8 +208,12 @@ def start(state_dir, timeout=START_TIMEOUT):
 
 # --- preparation: files only, no daemons ---------------------------------
 
-def _prepare(state_dir):
-    """Write ceph.conf, keyrings, the slim mgr module dir; mkfs mon and OSD."""
+def _prepare(state_dir, objectstore, bluestore_bytes):
+    """Write ceph.conf, keyrings, the slim mgr module dir; mkfs mon and OSD.
+
+    With BlueStore, the OSD's mkfs creates the sparse block file itself
+    (``bluestore block create``).
+    """
     for sub in ("log", "run", "crash", "keys", f"mon-{MON_ID}",
                 f"mgr-{MGR_ID}", f"osd-{OSD_ID}"):
         os.makedirs(os.path.join(state_dir, sub), exist_ok=True)
@@ -188,8 +221,9 @@ def _prepare(state_dir):
     base = _free_port_block(PORT_SPAN)
     mon_host = f"[v2:127.0.0.1:{base},v1:127.0.0.1:{base + 1}]"
     conf_path = os.path.join(state_dir, "ceph.conf")
-    _write_file(conf_path, _conf_text(state_dir, fsid, mon_host, base + 2,
-                                      base + PORT_SPAN - 1))
+    _write_file(conf_path, _conf_text(
+        state_dir, fsid, mon_host, base + 2, base + PORT_SPAN - 1,
+        _osd_store_text(objectstore, bluestore_bytes)))
     _make_keyrings(state_dir)
     _link_mgr_modules(os.path.join(state_dir, "mgr-modules"))
     # An explicit monmap: built from "mon host" alone, mkfs names the mon
@@ -206,10 +240,10 @@ def _prepare(state_dir):
         admin_keyring=_keyring(state_dir, "client.admin"), fsid=fsid,
         client_user=CLIENT_ID,
         client_keyring=_keyring(state_dir, f"client.{CLIENT_ID}"),
-        mon_host=mon_host)
+        mon_host=mon_host, objectstore=objectstore)
 
 
-def _conf_text(state_dir, fsid, mon_host, port_min, port_max):
+def _conf_text(state_dir, fsid, mon_host, port_min, port_max, osd_store):
     """ceph.conf: loopback, tiny, fast, one replica; keyrings per section.
 
     Keyrings are named per section (not via CEPH_ARGS, which leaks into the
@@ -265,10 +299,46 @@ mgr module path = {s}/mgr-modules
 
 [osd]
 osd data = {s}/osd-$id
-osd objectstore = memstore
-memstore device bytes = {MEMSTORE_BYTES}
+{osd_store}
 
 {keyrings}"""
+
+
+def _osd_store_text(objectstore, bluestore_bytes):
+    """The ``[osd]`` lines that pick and size the object store.
+
+    BlueStore gets one file for data, DB and WAL alike (no separate
+    devices: one disk here anyway) and skips the fsck after mkfs, which
+    only checks the empty store it just made and slows every start. The
+    file is BlueStore's default, ``<osd data>/block`` (:func:`_block_path`);
+    naming it as ``bluestore block path`` makes mkfs symlink it to itself.
+
+    A file counts as rotational when the disk under it says so (virtio
+    disks do, whatever backs them), and the OSD then sleeps 5 s between
+    snapshot trims: objects of a removed snapshot (a flattened clone's
+    ``snap``) would linger for minutes and land on the next test's time.
+    Trimming at once is what memstore and SSD-backed OSDs do anyway.
+    """
+    if objectstore == "memstore":
+        return ("osd objectstore = memstore\n"
+                f"memstore device bytes = {MEMSTORE_BYTES}")
+    return ("osd objectstore = bluestore\n"
+            "bluestore block create = true\n"
+            f"bluestore block size = {int(bluestore_bytes)}\n"
+            "bluestore fsck on mkfs = false\n"
+            "osd snap trim sleep hdd = 0")
+
+
+def _block_path(state_dir):
+    return os.path.join(state_dir, f"osd-{OSD_ID}", BLOCK_FILE)
+
+
+def _remove_block_file(state_dir):
+    """Free BlueStore's disk space; only called once no OSD uses it."""
+    try:
+        os.unlink(_block_path(state_dir))
+    except FileNotFoundError:
+        pass
 
 
 def _make_keyrings(state_dir):

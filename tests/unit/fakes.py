@@ -16,11 +16,12 @@ class FakeHypervisor:
     def __init__(self):
         self.domains = {}
 
-    def add(self, instance_uuid, state='shut off', path=None, kind='file'):
+    def add(self, instance_uuid, state='shut off', path=None, kind='file',
+            managed_save=False):
         disk = hypervisor.RootDisk(kind=kind, path=path) if path else None
         self.domains[instance_uuid] = hypervisor.Domain(
             uuid=instance_uuid, name=f'instance-{instance_uuid[:8]}',
-            state=state, root_disk=disk)
+            state=state, root_disk=disk, managed_save=managed_save)
 
     def get_domain(self, instance_uuid):
         try:

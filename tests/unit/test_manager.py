@@ -111,10 +111,11 @@ class ManagerTestCase(testtools.TestCase):
         return path
 
     def _request(self, path, state='shut off', image_status='queued',
-                 target_format=None):
+                 target_format=None, managed_save=False):
         instance, image = (uuidutils.generate_uuid(),
                            uuidutils.generate_uuid())
-        self.hypervisor.add(instance, state=state, path=path)
+        self.hypervisor.add(instance, state=state, path=path,
+                            managed_save=managed_save)
         self.images.create(image, status=image_status)
         self.api.create_snapshot(self.context, HOST, instance, image,
                                  target_format=target_format)
@@ -142,6 +143,28 @@ class ManagerTestCase(testtools.TestCase):
         with open(path, 'rb') as f:
             self.assertEqual(f.read(), self.images.images[image]['data'])
         self.assertEqual(os.path.getsize(path), end['bytes_read'])
+
+    def test_suspended_guest_is_released_after_a_local_copy(self):
+        path = self._disk()
+        _, image = self._request(path, managed_save=True)
+        events = self._events_until_final()
+        released = next(p for t, p in events
+                        if t == notifications.SOURCE_RELEASED)
+        end = events[-1][1]
+        self.assertEqual(notifications.END, events[-1][0])
+        self.assertEqual('convert', end['strategy'])
+        self.assertGreater(end['scratch_bytes'], 0)
+        # Released before the upload started, not after it ended.
+        self.assertEqual(0, released['bytes_uploaded'])
+        self.assertEqual([], os.listdir(self.scratch))
+
+    def test_suspended_guest_streams_when_configured_to(self):
+        self.conf.config(suspended_guest_plan='stream', group='worker')
+        path = self._disk()
+        self._request(path, managed_save=True)
+        end = self._events_until_final()[-1][1]
+        self.assertEqual(('stream', 0), (end['strategy'],
+                                         end['scratch_bytes']))
 
     def test_running_instance_is_refused_and_image_deleted(self):
         path = self._disk()

@@ -69,6 +69,16 @@ class FilePlanTestCase(testtools.TestCase):
         _, plan = self._plan(path, 'qcow2')
         self.assertIn('qemu-nbd', plan.reason)
 
+    def test_a_waiting_guest_gets_a_local_copy_first(self):
+        base = self._image('base', 'raw')
+        top = self._image('top', 'qcow2', backing=base)
+        for path, target in ((top, 'qcow2'), (base, 'raw')):
+            source = file_source.FileSource(path, CONF)
+            source.inspect()
+            plan = source.plan(target, release_first=True)
+            self.assertEqual('convert', plan.strategy)
+            self.assertIn('guest suspended', plan.reason)
+
     def test_compression_needs_convert(self):
         self.conf.config(compress_qcow2=True, group='worker')
         _, plan = self._plan(self._image('c', 'qcow2'), 'qcow2')
