@@ -312,12 +312,6 @@ def _osd_store_text(objectstore, bluestore_bytes):
     only checks the empty store it just made and slows every start. The
     file is BlueStore's default, ``<osd data>/block`` (:func:`_block_path`);
     naming it as ``bluestore block path`` makes mkfs symlink it to itself.
-
-    A file counts as rotational when the disk under it says so (virtio
-    disks do, whatever backs them), and the OSD then sleeps 5 s between
-    snapshot trims: objects of a removed snapshot (a flattened clone's
-    ``snap``) would linger for minutes and land on the next test's time.
-    Trimming at once is what memstore and SSD-backed OSDs do anyway.
     """
     if objectstore == "memstore":
         return ("osd objectstore = memstore\n"
@@ -325,8 +319,7 @@ def _osd_store_text(objectstore, bluestore_bytes):
     return ("osd objectstore = bluestore\n"
             "bluestore block create = true\n"
             f"bluestore block size = {int(bluestore_bytes)}\n"
-            "bluestore fsck on mkfs = false\n"
-            "osd snap trim sleep hdd = 0")
+            "bluestore fsck on mkfs = false")
 
 
 def _block_path(state_dir):
