@@ -77,6 +77,7 @@ from snapworker import events  # noqa: E402
 from snapworker import rpcapi  # noqa: E402
 from snapworker.conf import CONF  # noqa: E402
 from tests.functional import base as fbase  # noqa: E402
+from tests.functional import rbd_helpers  # noqa: E402
 from tests.services import __main__ as services_main  # noqa: E402
 from tests.services import ceph  # noqa: E402
 from tests.services import glance as glance_service  # noqa: E402
@@ -101,18 +102,6 @@ def write_disk(ioctx, name, size, fill):
         for i, offset in enumerate(range(0, int(size * fill), chunk)):
             block[:8] = i.to_bytes(8, 'little')
             image.write(bytes(block), offset)
-
-
-def remove_all(ioctx, name):
-    try:
-        with rbd.Image(ioctx, name) as image:
-            for snap in list(image.list_snaps()):
-                if image.is_protected_snap(snap['name']):
-                    image.unprotect_snap(snap['name'])
-                image.remove_snap(snap['name'])
-        rbd.RBD().remove(ioctx, name)
-    except rbd.ImageNotFound:
-        pass
 
 
 def store_sizing(objectstore, sizes, fills):
@@ -387,7 +376,7 @@ class Bench:
         found = []
         for name in rbd.RBD().list(self.images):
             found.append(f'images/{name}')
-            remove_all(self.images, name)
+            rbd_helpers.remove_rbd(self.images, name)
         for pool, ioctx in (('vms', self.vms), ('images', self.images)):
             for entry in list(rbd.RBD().trash_list(ioctx)):
                 found.append(f'{pool} trash {entry["name"]}')
@@ -550,7 +539,7 @@ def main():
                             print(f"  cleaned up after a run: "
                                   f"{r['leftovers']}", flush=True)
             finally:
-                remove_all(bench.vms, name)
+                rbd_helpers.remove_rbd(bench.vms, name)
     finally:
         bench.close()
         services_main.down(os.path.join(state, 'services'))
