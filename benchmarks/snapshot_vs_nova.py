@@ -64,6 +64,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # Imports nothing of snapworker: safe in the nova-compute child too.
+import pagecache  # noqa: E402  (this folder is sys.path[0])
+
 from tests.services import worker as worker_service  # noqa: E402
 
 MiB = 1024 * 1024
@@ -202,25 +204,6 @@ def allocated_bytes(path):
 
 
 # -- measuring ----------------------------------------------------------------
-
-def drop_cache(paths):
-    """Write back dirty pages, then empty the page cache; return how.
-
-    The sync matters as much as the drop: the previous run left up to a
-    GiB of Glance's writes dirty, and their writeback must not land in the
-    next measurement.
-    """
-    os.sync()
-    try:
-        with open('/proc/sys/vm/drop_caches', 'w') as f:
-            f.write('1\n')
-        return 'drop_caches'
-    except OSError:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return 'fadvise'
 
 
 def tree_allocated(top):
@@ -707,7 +690,7 @@ def upload_bound(ctx, data_path, fmt, nova_image_id, disk):
     image_id = images.create('bound', disk.instance_uuid, disk_format=fmt,
                              container_format='bare')
     try:
-        drop_cache([data_path])
+        pagecache.drop_cache([data_path])
         io_before = tree_io(os.getpid())
         with CpuMeter(own=None, glance=ctx['glance_pid']) as cpu, \
                 open(data_path, 'rb') as f:
@@ -739,7 +722,7 @@ def run_nova(ctx, case, disk):
     images, nova = ctx['images'], ctx['nova']
     fmt = target_format(case, disk)
     image_id = images.create(f'nova-{case.name}', disk.instance_uuid)
-    drop_cache(disk.files)
+    pagecache.drop_cache(disk.files)
     with CpuMeter(own=nova.proc.pid, glance=ctx['glance_pid']) as cpu:
         result = nova.snapshot(
             instance_uuid=disk.instance_uuid, image_id=image_id,
@@ -760,7 +743,7 @@ def run_snapworker(ctx, case, disk):
     fmt = target_format(case, disk)
     image_id = images.create(f'snapworker-{case.name}', disk.instance_uuid)
     try:
-        drop_cache(disk.files)
+        pagecache.drop_cache(disk.files)
         with CpuMeter(own=worker.proc.pid, glance=ctx['glance_pid']) as cpu:
             result = worker.snapshot(disk.instance_uuid, image_id,
                                      case.snapshot_image_format)

@@ -32,6 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
+import pagecache  # noqa: E402  (this folder is sys.path[0])
+
 from snapworker.streams import nbd  # noqa: E402
 from snapworker.streams import qcow2  # noqa: E402
 from snapworker.streams import raw  # noqa: E402
@@ -70,21 +72,6 @@ def build_images(workdir, scale):
     return base, top
 
 
-def drop_cache(paths):
-    """Empty the page cache; return how, for the report."""
-    try:
-        with open('/proc/sys/vm/drop_caches', 'w') as f:
-            f.write('1\n')
-        return 'drop_caches'
-    except OSError:
-        for path in paths:
-            if os.path.exists(path):
-                fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-        return 'fadvise'
-
-
 def drain(stream):
     out = 0
     while chunk := stream.read(READ_SIZE):
@@ -120,7 +107,7 @@ def measure_stream(top, encoder):
 
 def child(method, top, workdir):
     """Run one measurement in this (fresh) process; print JSON."""
-    cache = drop_cache([top, os.path.join(workdir, 'base.raw')])
+    cache = pagecache.drop_cache([top, os.path.join(workdir, 'base.raw')])
     begin = time.monotonic()
     if method == 'convert':
         result = measure_convert(top, workdir)
