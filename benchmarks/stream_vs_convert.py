@@ -97,7 +97,7 @@ def measure_convert(top, workdir):
 
 
 def measure_stream(top, encoder):
-    view = nbd.NbdChainView(top, 'qcow2')
+    view = nbd.NbdChainView(nbd.qemu_nbd_argv(top, 'qcow2'))
     with encoder(view) as stream:
         out = drain(stream)
         assert out == stream.size, (out, stream.size)

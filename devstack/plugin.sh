@@ -61,6 +61,12 @@ function configure_snapworker {
         fi
     done
 
+    # Nova's LVM volumes are the only block devices the worker may read.
+    if [[ $(iniget "$NOVA_CONF" libvirt images_type) == lvm ]]; then
+        iniset "$conf" worker block_device_prefixes \
+            "/dev/$(iniget "$NOVA_CONF" libvirt images_volume_group)/"
+    fi
+
     if [[ $(iniget "$NOVA_CONF" libvirt images_type) == rbd ]]; then
         iniset "$conf" rbd ceph_conf \
             "$(_snapworker_iniget_or "$NOVA_CONF" libvirt \

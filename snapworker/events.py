@@ -117,7 +117,9 @@ class Subscription:
         return self._events.get_nowait()
 
     def until_finished(self, timeout):
-        """Events until ``snapshot.create.end`` or ``.error``, inclusive.
+        """Events until the request's final one, inclusive.
+
+        Final: ``snapshot.create.end``, ``.error`` or ``.refused``.
 
         Stops at ``timeout`` seconds without a final event; the caller
         tells by the last event's type.
@@ -128,7 +130,7 @@ class Subscription:
             if event is None:
                 return
             yield event
-            if event.event_type in (notifications.END, notifications.ERROR):
+            if event.event_type in notifications.FINAL:
                 return
 
     def close(self):

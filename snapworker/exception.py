@@ -11,6 +11,11 @@ class SnapshotError(Exception):
     """Base of the snapshot failures reported by code."""
 
     msg_fmt = 'Snapshot failed.'
+    #: A refusal concerns an image that is not this request's to fill
+    #: (gone, another project's, already filled or being filled): it is
+    #: reported as ``snapshot.create.refused``, not as the failure of
+    #: whoever is filling that image, and the image is never touched.
+    refusal = False
 
     def __init__(self, message=None, **kwargs):
         self.kwargs = kwargs
@@ -31,9 +36,8 @@ class InstanceNotShutOff(SnapshotError):
 
 
 class SourceChanged(SnapshotError):
-    msg_fmt = ('Instance {instance_uuid} left the shut-off state while its '
-               'disk was being read ({state}); the image would not be a '
-               'consistent point in time.')
+    msg_fmt = ('The source disk changed while it was being read ({what}); '
+               'the image would not be a consistent point in time.')
 
 
 class DiskNotFound(SnapshotError):
@@ -47,6 +51,32 @@ class DiskOutsideInstancesPath(SnapshotError):
 
 class UnsupportedDisk(SnapshotError):
     msg_fmt = 'Disk {path} cannot be snapshotted: {reason}.'
+
+
+class DiskTooLarge(SnapshotError):
+    msg_fmt = ('Disk {path} claims a virtual size of {virtual_size} bytes, '
+               'over the limit of {limit} bytes ({why}); nothing was read.')
+
+
+class InstanceNotOwned(SnapshotError):
+    msg_fmt = ('Instance {instance_uuid} belongs to project {owner}, not to '
+               'the requesting project {project_id}; only an admin may '
+               'snapshot another project\'s instance.')
+
+
+class ImageNotOwned(SnapshotError):
+    msg_fmt = ('Glance image {image_id} belongs to project {owner}, not to '
+               'the requesting project {project_id}; it was left untouched.')
+    refusal = True
+
+
+class InvalidRequest(SnapshotError):
+    msg_fmt = 'Malformed snapshot request: {reason}.'
+
+
+class HelperTimedOut(SnapshotError):
+    msg_fmt = ('{helper} made no progress for {seconds} s and was stopped: '
+               'a disk that cannot be read in bounded time is refused.')
 
 
 class SourceReadError(SnapshotError):
@@ -63,16 +93,26 @@ class UnsupportedTargetFormat(SnapshotError):
 
 
 class ImageNotFound(SnapshotError):
-    msg_fmt = 'Glance image {image_id} does not exist.'
+    msg_fmt = ('Glance image {image_id} does not exist, or the requesting '
+               'project cannot see it.')
+    refusal = True
 
 
 class ImageNotQueued(SnapshotError):
     msg_fmt = ('Glance image {image_id} is {status}; a snapshot can only '
-               'fill a queued image.')
+               'fill a queued image, so it was left untouched.')
+    refusal = True
 
 
 class GlanceError(SnapshotError):
     msg_fmt = 'Glance request failed for image {image_id}: {reason}'
+
+
+class ImageDataRejected(SnapshotError):
+    msg_fmt = ('Glance refused the data of image {image_id} as '
+               '{disk_format} ({reason}): its format inspection found data '
+               'that looks like another format, as raw disk bytes written '
+               'to look like a qcow2 header do.')
 
 
 class ImageNotActive(SnapshotError):
@@ -96,11 +136,10 @@ class JournalError(SnapshotError):
 
 
 class SnapshotInProgress(SnapshotError):
-    msg_fmt = ('A snapshot into image {image_id} is already in progress on '
-               'this host; the duplicate request is refused and the image '
-               'left to it.')
-    #: The image belongs to the snapshot already running: keep it.
-    delete_image = False
+    msg_fmt = ('A snapshot into image {image_id} is already accepted or in '
+               'progress on this host; the duplicate request is refused '
+               'and the image left to it.')
+    refusal = True
 
 
 class WorkerRestarted(SnapshotError):

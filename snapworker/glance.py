@@ -113,6 +113,42 @@ def _retrying(func, *args, **kwargs):
             time.sleep(min(2 ** attempt, 10))
 
 
+def _http_status(error):
+    """The HTTP status of a glanceclient error, or None.
+
+    glanceclient has classes for the common codes only; any other code
+    (415 among them) is a plain HTTPException whose text starts with it.
+    """
+    code = getattr(error, 'code', None)
+    if isinstance(code, int):
+        return code
+    words = str(error).split(None, 2)
+    if len(words) > 1 and words[0] == 'HTTP' and words[1].isdigit():
+        return int(words[1])
+    return None
+
+
+def check_claim(image, project_id):
+    """Return ``image`` if it is a snapshot request's to fill.
+
+    The one rule for "this image is the request's to fill, and to delete
+    if the snapshot fails": it belongs to the requesting project and is
+    ``queued`` (nothing was uploaded yet). An image that is active,
+    saving (filled by someone else) or another project's is left
+    untouched.
+
+    :raises ImageNotOwned, ImageNotQueued:
+    """
+    image_id, status = image.get('id'), image.get('status')
+    owner = image.get('owner')
+    if owner != project_id:
+        raise exception.ImageNotOwned(image_id=image_id, owner=owner,
+                                      project_id=project_id, status=status)
+    if status != 'queued':
+        raise exception.ImageNotQueued(image_id=image_id, status=status)
+    return image
+
+
 class ImageService:
     """The Glance operations a snapshot needs, with snapworker's errors."""
 
@@ -133,6 +169,14 @@ class ImageService:
             raise exception.GlanceError(image_id=image_id,
                                         reason=str(e)) from e
 
+    def claim(self, image_id, project_id):
+        """The image, if a snapshot for ``project_id`` may fill it.
+
+        :raises ImageNotFound, ImageNotOwned, ImageNotQueued: see
+            ``check_claim``.
+        """
+        return check_claim(self.get(image_id), project_id)
+
     def upload(self, image_id, body, size, disk_format,
                container_format='bare', store=None):
         """Set the formats, then stream ``body`` as the image data.
@@ -151,6 +195,12 @@ class ImageService:
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
         except _GLANCE_ERRORS as e:
+            if _http_status(e) == 415:
+                # Glance's format inspection: the data does not look like
+                # ``disk_format`` (say raw bytes that start like a qcow2).
+                raise exception.ImageDataRejected(
+                    image_id=image_id, disk_format=disk_format,
+                    reason=str(e)) from e
             raise exception.GlanceError(image_id=image_id,
                                         reason=str(e)) from e
 

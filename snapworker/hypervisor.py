@@ -60,15 +60,48 @@ class Domain:
     #: ``_suspend_guest_for_snapshot`` stopped a running guest this way and
     #: resumes it when the disk is released. A guest is waiting on us.
     managed_save: bool = False
+    #: The project that owns the instance, from Nova's metadata in the
+    #: domain XML (``<nova:owner><nova:project uuid=...>``); None when the
+    #: domain has none (not a domain Nova made).
+    owner_project: str | None = None
 
     @property
     def shut_off(self):
         return self.state == 'shut off'
 
 
+#: Nova's metadata namespace, ``.../nova/1.1`` today; any version is read.
+_NOVA_NS_PREFIX = 'http://openstack.org/xmlns/libvirt/nova/'
+
+
+def _nova_child(element, name):
+    """The single child ``<nova:name>`` of element, else None."""
+    if element is None:
+        return None
+    found = [child for child in element
+             if child.tag.startswith('{' + _NOVA_NS_PREFIX)
+             and child.tag.endswith('}' + name)]
+    return found[0] if len(found) == 1 else None
+
+
+def parse_owner_project(tree):
+    """The owner project UUID Nova wrote into the domain, or None.
+
+    Exactly one ``<metadata><nova:instance><nova:owner><nova:project>``
+    counts: a domain with none, or with two, has no owner the worker
+    can trust.
+    """
+    instance = _nova_child(tree.find('metadata'), 'instance')
+    project = _nova_child(_nova_child(instance, 'owner'), 'project')
+    if project is None:
+        return None
+    return project.get('uuid') or None
+
+
 def parse_root_disk(xml):
     """The first ``<disk device='disk'>`` of a domain: Nova's root disk."""
-    tree = ElementTree.fromstring(xml)
+    tree = xml if isinstance(xml, ElementTree.Element) else (
+        ElementTree.fromstring(xml))
     for disk in tree.findall('./devices/disk'):
         if disk.get('device', 'disk') != 'disk':
             continue
@@ -122,10 +155,12 @@ class Hypervisor:
                 raise exception.InstanceNotFound(
                     instance_uuid=instance_uuid) from e
             raise
+        tree = ElementTree.fromstring(xml)
         return Domain(uuid=instance_uuid, name=name,
                       state=_STATE_NAMES.get(state, f'state {state}'),
-                      root_disk=parse_root_disk(xml),
-                      managed_save=managed_save)
+                      root_disk=parse_root_disk(tree),
+                      managed_save=managed_save,
+                      owner_project=parse_owner_project(tree))
 
     def close(self):
         with self._lock:

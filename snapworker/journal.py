@@ -11,12 +11,18 @@ keeps that knowledge on disk, one small JSON file per snapshot in progress,
      "image_id": "<image id>", "instance_uuid": "<uuid>",
      "host": "compute-1", "started_at": "2024-05-01T10:00:00.000000",
      "context": {...RequestContext.to_dict(), "service_catalog": [...]},
-     "finished": false, "reported": false,
+     "finished": false, "reported": false, "image_owned": true,
      "resources": [
          {"kind": "rbd_snapshot", "owner": "job",
           "ref": "vms/<uuid>_disk@snapworker-<image id>"},
          {"kind": "rbd_clone", "owner": "glance",
           "ref": "images/<image id>"}]}
+
+A record is written when the request is accepted, before it waits for a
+slot, so a second delivery of the same request is recognised and a request
+lost in a crash before it started still gets its ending. ``image_owned``
+turns true once the job has claimed the image (``glance.claim``): only
+then may the image be deleted on its behalf.
 
 A resource is added *before* it is created (a crash in between leaves an
 entry for something that does not exist, which recovery tolerates; the
@@ -118,6 +124,7 @@ class Journal:
             'context': _context_dict(context),
             'finished': False,
             'reported': False,
+            'image_owned': False,
             'resources': [],
         })
 
@@ -240,6 +247,12 @@ class Record:
         return bool(self.data.get('reported'))
 
     @property
+    def image_owned(self):
+        # Records of earlier releases were written only once the job had
+        # checked its image: theirs is owned.
+        return bool(self.data.get('image_owned', True))
+
+    @property
     def resources(self):
         with self._lock:
             return [dict(entry) for entry in self.data['resources']]
@@ -262,6 +275,14 @@ class Record:
                 raise exception.JournalError(image_id=self.image_id,
                                              reason=str(e)) from e
             self._written = True
+
+    def claim_image(self):
+        """The job claimed its image: a failure may now delete it."""
+        with self._lock:
+            if not self._written:
+                return
+            self.data['image_owned'] = True
+            self._save()
 
     def track(self, kind, ref):
         """Note a resource the job is about to create (owner ``job``)."""
@@ -452,12 +473,24 @@ class Recovery:
         return resumed
 
     def _settle_image(self, record):
-        """'active' (kept), 'deleted', or None when Glance did not say."""
+        """'active' (kept), 'deleted', the status of an image left alone,
+        or None when Glance did not say.
+
+        A job that never claimed its image (it was still waiting for a
+        slot) is claimed here by the same rule (``claim``): the image is
+        deleted only if it is the request's to fill, else left as it is.
+        """
         images = self._images(record.context)
         try:
-            image = images.get(record.image_id)
+            if record.image_owned:
+                image = images.get(record.image_id)
+            else:
+                image = images.claim(record.image_id,
+                                     record.context.get('project_id'))
         except exception.ImageNotFound:
             return 'deleted'
+        except (exception.ImageNotOwned, exception.ImageNotQueued) as e:
+            return e.kwargs.get('status') or 'unknown'
         except exception.SnapshotError as e:
             LOG.warning('Cannot look up image %s: %s', record.image_id, e)
             return None
@@ -504,8 +537,11 @@ def _outcome(image_status, removed, failed):
     if image_status == 'active':
         parts = ['kept the image, which Glance reports active (its data '
                  'was complete and registered before the stop)']
-    else:
+    elif image_status == 'deleted':
         parts = ['deleted the unfinished image']
+    else:
+        parts = [f'left the image untouched ({image_status}): it was not '
+                 f'the request\'s to fill']
     if removed:
         parts.append('removed ' + ', '.join(removed))
     if failed:

@@ -29,7 +29,32 @@ from snapworker import sources
 LOG = logging.getLogger(__name__)
 
 #: Keep in sync with rpcapi.RPC_API_VERSION.
-RPC_API_VERSION = '1.0'
+RPC_API_VERSION = '1.1'
+
+_TARGET_FORMATS = (None, 'raw', 'qcow2')
+
+
+def _request_error(instance_uuid, image_id, target_format,
+                   max_virtual_size):
+    """Why a request's fields are unusable, or None.
+
+    Checked at the endpoint before anything else: a field of the wrong
+    type must end as a clear error, never as an exception raised into
+    oslo.messaging's dispatcher (which drops the cast silently).
+    """
+    if not (isinstance(instance_uuid, str)
+            and uuidutils.is_uuid_like(instance_uuid)):
+        return f'instance_uuid {instance_uuid!r} is not a UUID'
+    if target_format not in _TARGET_FORMATS:
+        return (f'target_format {target_format!r} is not one of raw, '
+                f'qcow2 or null')
+    if max_virtual_size is not None and (
+            isinstance(max_virtual_size, bool)
+            or not isinstance(max_virtual_size, int)
+            or max_virtual_size < 0):
+        return (f'max_virtual_size {max_virtual_size!r} is not a '
+                f'non-negative integer')
+    return None
 
 
 class SnapshotManager:
@@ -55,30 +80,71 @@ class SnapshotManager:
             thread_name_prefix='snapshot')
         self._stopping = threading.Event()
         self._futures = set()
+        self._queued = []
+        self._running = []
         self._lock = threading.Lock()
         self._journal = journal.Journal(conf.worker.journal_dir)
         self._journal.prepare()
 
     def create_snapshot(self, context, instance_uuid, image_id,
-                        target_format=None):
-        """Queue one snapshot; see rpcapi.SnapworkerAPI.create_snapshot."""
-        if not (uuidutils.is_uuid_like(instance_uuid)
+                        target_format=None, max_virtual_size=None):
+        """Queue one snapshot; see rpcapi.SnapworkerAPI.create_snapshot.
+
+        Never raises into the dispatcher: every outcome, a malformed
+        request included, is a notification.
+        """
+        try:
+            self._accept(context, instance_uuid, image_id, target_format,
+                         max_virtual_size)
+        except Exception:
+            LOG.exception('Snapshot request for image %r could not be '
+                          'accepted', image_id)
+
+    def _accept(self, context, instance_uuid, image_id, target_format,
+                max_virtual_size):
+        if not (isinstance(image_id, str)
                 and uuidutils.is_uuid_like(image_id)):
-            LOG.error('Dropping snapshot request with malformed ids '
-                      '(instance %r, image %r)', instance_uuid, image_id)
+            # No image to claim or to report on: nothing else to do.
+            LOG.error('Dropping snapshot request with malformed image id '
+                      '%r (instance %r)', image_id, instance_uuid)
             return
+        error = _request_error(instance_uuid, image_id, target_format,
+                               max_virtual_size)
+        if error:
+            LOG.error('Malformed snapshot request for image %s: %s',
+                      image_id, error)
+            # The job claims the image (to delete it) and fails at once.
+            instance_uuid = target_format = max_virtual_size = None
         LOG.info('Snapshot of instance %s into image %s requested '
                  '(target format %s)', instance_uuid, image_id,
                  target_format or 'as source')
-        job = self._make_job(context, instance_uuid, image_id, target_format)
+        job = self._make_job(context, instance_uuid, image_id, target_format,
+                             max_virtual_size, error)
         with self._lock:
             if self._stopping.is_set():
-                job.fail(exception.WorkerStopping(
+                job.fail_unstarted(exception.WorkerStopping(
                     instance_uuid=instance_uuid))
+                return
+            try:
+                job.accept()
+            except exception.SnapshotInProgress as e:
+                # The image is the accepted job's: not even claimed.
+                job.fail(e)
+                return
+            except exception.SnapshotError as e:
+                job.fail_unstarted(e)
                 return
             future = self._executor.submit(self._run, job)
             self._futures.add(future)
+            self._queued.append(job)
         future.add_done_callback(self._forget)
+
+    def get_status(self, context):
+        """This worker's version and jobs; see rpcapi.get_status."""
+        with self._lock:
+            return {'version': RPC_API_VERSION, 'host': self._conf.host,
+                    'running': [j.describe() for j in self._running],
+                    'queued': [j.describe() for j in self._queued]}
 
     def _forget(self, future):
         with self._lock:
@@ -87,14 +153,16 @@ class SnapshotManager:
     def _make_emitter(self, context, instance_uuid, image_id,
                       target_format):
         payload = objects.SnapshotPayload(
-            request_id=context.request_id, instance_uuid=instance_uuid,
+            request_id=getattr(context, 'request_id', None),
+            instance_uuid=instance_uuid,
             image_id=image_id, host=self._conf.host,
             target_format=target_format)
         return notifications.SnapshotEmitter(
             self._notifier, context, payload,
             self._conf.worker.progress_interval)
 
-    def _make_job(self, context, instance_uuid, image_id, target_format):
+    def _make_job(self, context, instance_uuid, image_id, target_format,
+                  max_virtual_size=None, request_error=None):
         record = self._journal.new_record(image_id, instance_uuid, context,
                                           self._conf.host)
         return pipeline.SnapshotJob(
@@ -102,7 +170,9 @@ class SnapshotManager:
             self._image_service_factory(context),
             self._make_emitter(context, instance_uuid, image_id,
                                target_format),
-            instance_uuid, image_id, target_format, record=record)
+            instance_uuid, image_id, target_format, record=record,
+            context=context, max_virtual_size=max_virtual_size,
+            request_error=request_error)
 
     # -- crash recovery -------------------------------------------------------
 
@@ -145,7 +215,7 @@ class SnapshotManager:
         emitter = self._make_emitter(context, record.instance_uuid,
                                      record.image_id, None)
         emitter.payload.image_status = image_status
-        if image_status == 'active':
+        if image_status == 'active' and record.image_owned:
             LOG.info('Interrupted snapshot into image %s had completed: %s',
                      record.image_id, outcome)
             emitter.payload.plan_reason = f'recovered after a restart: ' \
@@ -158,11 +228,26 @@ class SnapshotManager:
         emitter.error(error.code, str(error))
 
     def _run(self, job):
-        if self._stopping.is_set():
-            job.fail(exception.WorkerStopping(
-                instance_uuid=job.instance_uuid))
-            return
-        job.run()
+        with self._lock:
+            self._queued.remove(job)
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._running.append(job)
+        try:
+            if stopping:
+                job.fail_unstarted(exception.WorkerStopping(
+                    instance_uuid=job.instance_uuid))
+            else:
+                job.run()
+        except Exception:
+            # A job ends itself; this only logs what escaped its ending,
+            # which would otherwise vanish in the executor's future.
+            LOG.exception('Snapshot into image %s ended abnormally',
+                          job.image_id)
+        finally:
+            with self._lock:
+                if job in self._running:
+                    self._running.remove(job)
 
     def stop(self):
         """Fail queued jobs, wait for running ones."""

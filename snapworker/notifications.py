@@ -9,6 +9,11 @@ Event types (publisher ``snapworker:<host>``; priority INFO but ERROR for
     snapshot.progress           throttled to [worker] progress_interval
     snapshot.create.end         image active
     snapshot.create.error       error_code / error_message name the cause
+    snapshot.create.refused     (WARN) the request named an image that is
+                                not its to fill (gone, another project's,
+                                already filled, or a duplicate delivery of
+                                a request in progress): nothing was done
+                                and the image was not touched
 
 The names differ from Nova's own ``instance.snapshot.*`` so that both can be
 consumed on one bus. Every payload is a versioned ``SnapshotPayload``.
@@ -26,6 +31,9 @@ SOURCE_RELEASED = 'snapshot.source_released'
 PROGRESS = 'snapshot.progress'
 END = 'snapshot.create.end'
 ERROR = 'snapshot.create.error'
+REFUSED = 'snapshot.create.refused'
+#: The events after which a request has nothing more to say.
+FINAL = (END, ERROR, REFUSED)
 
 
 def get_notifier(transport, conf):
@@ -58,9 +66,9 @@ class SnapshotEmitter:
         self._clock = clock
         self._last_progress = None
 
-    def _emit(self, event_type, error=False):
+    def _emit(self, event_type, priority='info'):
         primitive = self.payload.obj_to_primitive()
-        send = self._notifier.error if error else self._notifier.info
+        send = getattr(self._notifier, priority)
         try:
             send(self._context, event_type, primitive)
         except Exception:
@@ -87,4 +95,9 @@ class SnapshotEmitter:
     def error(self, code, message):
         self.payload.error_code = code
         self.payload.error_message = message
-        self._emit(ERROR, error=True)
+        self._emit(ERROR, priority='error')
+
+    def refused(self, code, message):
+        self.payload.error_code = code
+        self.payload.error_message = message
+        self._emit(REFUSED, priority='warn')

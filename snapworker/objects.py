@@ -33,11 +33,14 @@ class SnapshotPayload(SnapworkerObject):
     # Version 1.0: Initial version
     # Version 1.1: Added flatten_policy, location_api, image_hashed (RBD
     #              clones)
-    VERSION = '1.1'
+    # Version 1.2: instance_uuid nullable (a malformed request's);
+    #              image_status is what Glance last reported
+    VERSION = '1.2'
 
     fields = {
         'request_id': fields.StringField(nullable=True),
-        'instance_uuid': fields.UUIDField(),
+        # None only for a request whose instance_uuid was malformed.
+        'instance_uuid': fields.UUIDField(nullable=True),
         'image_id': fields.UUIDField(),
         'host': fields.StringField(),
         # 'clone', 'stream' or 'convert'; None until a plan is chosen.

@@ -1,15 +1,21 @@
 """One snapshot, from request to active image, whatever the plan.
 
 The order is fixed and every step that can refuse does so before any data
-moves: the domain (exists, shut off), the disk (from the domain XML, inside
-instances_path, a format the worker reads faithfully), the image (exists,
-queued). Then the source's cheapest plan runs, the domain is checked again
-(a guest started during the read makes the image inconsistent), and Glance
-must report the image active.
+moves: the image (the request's to fill: exists, the requesting project's,
+queued), the request itself (well-formed), the domain (exists, shut off,
+owned by the requesting project unless the context is an admin's), the disk
+(from the domain XML, checked and pinned by its source, no larger than
+``[worker] max_virtual_size`` and the root disk Nova gave the instance).
+Then the source's cheapest plan runs; when it has read the data the domain
+is checked again (a guest started during the read makes the image
+inconsistent) and so are the pinned files, and Glance must report the image
+active.
 
 Any failure ends the same way: the plan's cleanup removes what it created,
-the Glance image is deleted (as Nova's ``delete_image_on_error`` does) and a
-``snapshot.create.error`` names the cause.
+the Glance image is deleted if the job claimed it (as Nova's
+``delete_image_on_error`` does) and a ``snapshot.create.error`` names the
+cause. A request whose image is not its to fill (see ``glance.claim``)
+touches nothing and ends with ``snapshot.create.refused``.
 
 A crash ends no way at all, so the job keeps a journal record (journal.py)
 from its first step to its end: what the plan creates is journalled
@@ -37,9 +43,18 @@ class SnapshotJob:
 
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
                  image_id, target_format, clock=time.monotonic,
-                 record=None):
-        """:param record: the job's unwritten ``journal.Record``; None
-            runs without a journal (nothing to recover after a crash).
+                 record=None, context=None, max_virtual_size=None,
+                 request_error=None):
+        """:param record: the job's ``journal.Record`` (written when the
+            request was accepted); None runs without a journal (nothing
+            to recover after a crash).
+        :param context: the request context: whose project the instance
+            and the image must belong to.
+        :param max_virtual_size: the root disk size Nova gave the
+            instance, bytes; bounds the disk with ``[worker]
+            max_virtual_size``.
+        :param request_error: why the request is malformed, if it is: the
+            job then only claims the image (to delete it) and fails.
         """
         self._conf = conf
         self._hypervisor = hypervisor
@@ -56,6 +71,22 @@ class SnapshotJob:
         self._source = None
         self._plan = None
         self._record = record
+        self._context = context
+        self._max_virtual_size = max_virtual_size
+        self._request_error = request_error
+        #: The image is this request's: deleted if the snapshot fails.
+        self._owns_image = False
+
+    def describe(self):
+        """What ``get_status`` reports about this job."""
+        p = self.payload
+        return {'image_id': self.image_id,
+                'instance_uuid': self.instance_uuid,
+                'request_id': p.request_id, 'strategy': p.strategy,
+                'bytes_read': p.bytes_read,
+                'bytes_uploaded': p.bytes_uploaded,
+                'bytes_total': p.bytes_total,
+                'seconds': self._elapsed()}
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
@@ -73,6 +104,8 @@ class SnapshotJob:
         except exception.SnapshotError as e:
             if counting.read_error is None:
                 raise
+            if isinstance(counting.read_error, exception.SnapshotError):
+                raise counting.read_error from e
             raise exception.SourceReadError(
                 path=self._location,
                 reason=str(counting.read_error)) from e
@@ -86,9 +119,14 @@ class SnapshotJob:
         if self.payload.source_held_seconds is not None:
             return
         # The read (or point-in-time copy) is done. It is consistent only
-        # if the guest stayed off all along; check before a suspended guest
-        # is told it may run again, because then it will.
-        self._shut_off_domain(error=exception.SourceChanged)
+        # if the guest stayed off and the files are the ones pinned; check
+        # before a suspended guest is told it may run again, because then
+        # it will.
+        domain = self._hypervisor.get_domain(self.instance_uuid)
+        if not domain.shut_off:
+            raise exception.SourceChanged(
+                what=f'instance {self.instance_uuid} is {domain.state}')
+        self._source.verify_unchanged()
         self.payload.source_held_seconds = round(
             self._clock() - self._held_since, 3)
         self._emitter.source_released()
@@ -127,14 +165,12 @@ class SnapshotJob:
         to it finds nothing left behind.
         """
         try:
-            if self._record is not None:
-                self._record.begin()
             plan = self._steps()
         except Exception as e:
-            self._release()
+            self._release_quietly()
             self.fail(e)
             return
-        self._release()
+        self._release_quietly()
         self.payload.duration_seconds = self._elapsed()
         self._emitter.progress(force=True)
         self._end_record()
@@ -145,15 +181,29 @@ class SnapshotJob:
                  self.payload.duration_seconds, plan.strategy,
                  self.payload.bytes_read, self.payload.scratch_bytes)
 
+    def accept(self):
+        """Journal the request as it is accepted, before it is queued.
+
+        :raises SnapshotInProgress: a request for this image is already
+            accepted or running here (a duplicate delivery).
+        :raises JournalError:
+        """
+        if self._record is not None:
+            self._record.begin()
+
     def _steps(self):
+        self._claim_image()
+        if self._request_error:
+            raise exception.InvalidRequest(reason=self._request_error)
         domain = self._shut_off_domain()
+        self._check_instance_owner(domain)
         if domain.root_disk is None:
             raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
         self._source = source = sources.open_source(domain.root_disk,
                                                     self._conf)
         facts = source.inspect()
         self._location = facts.location
-        self._check_image_queued()
+        self._check_size(facts)
         target_format = self._target_format(facts)
         # Only sources that can reference data in place (RBD) care where
         # Glance keeps it; the others do not pay for the lookup.
@@ -175,30 +225,64 @@ class SnapshotJob:
                                          or image.get('checksum'))
         return plan
 
-    def _release(self):
-        if self._plan is not None:
-            self._plan.cleanup()
-            self._plan = None
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+    def _release_quietly(self):
+        """Undo the plan, close the source; each step on its own.
+
+        A step that fails is logged and the next one still runs: the
+        job's ending (its notification, its image) must not depend on
+        cleanup succeeding.
+        """
+        plan, self._plan = self._plan, None
+        source, self._source = self._source, None
+        for what, step in (('plan cleanup', plan and plan.cleanup),
+                           ('source close', source and source.close)):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                LOG.exception('Snapshot into image %s: %s failed',
+                              self.image_id, what)
+
+    def fail_unstarted(self, error):
+        """End a job that never ran (the worker stops): claim, then fail.
+
+        The image is claimed first by the usual rule so that a request
+        that was the image's to fill deletes it, as a failed snapshot
+        would, and any other leaves it alone.
+        """
+        try:
+            self._claim_image()
+        except exception.SnapshotError as e:
+            LOG.info('Image %s is not claimable (%s); left as it is',
+                     self.image_id, e.code)
+        except Exception:
+            LOG.exception('Could not claim image %s', self.image_id)
+        self.fail(error)
 
     def fail(self, error):
-        """End the snapshot: clean up, delete the image, report the cause."""
+        """End the snapshot: clean up, delete its image, report the cause.
+
+        Only an image the job claimed is deleted; a refusal (an image
+        that is not this request's) touches nothing and says so.
+        """
         if isinstance(error, exception.SnapshotError):
             code, message = error.code, str(error)
             LOG.warning('Snapshot of %s into image %s failed: %s',
                         self.instance_uuid, self.image_id, message)
         else:
             code, message = 'InternalError', f'{type(error).__name__}: {error}'
-            LOG.exception('Snapshot of %s into image %s failed',
-                          self.instance_uuid, self.image_id)
-        if getattr(error, 'delete_image', True):
-            self._images.delete(self.image_id)
-            self.payload.image_status = 'deleted'
+            LOG.error('Snapshot of %s into image %s failed',
+                      self.instance_uuid, self.image_id, exc_info=error)
+        if self._owns_image:
+            if self._images.delete(self.image_id):
+                self.payload.image_status = 'deleted'
         self.payload.duration_seconds = self._elapsed()
         self._end_record()
-        self._emitter.error(code, message)
+        if getattr(error, 'refusal', False) and not self._owns_image:
+            self._emitter.refused(code, message)
+        else:
+            self._emitter.error(code, message)
 
     def _end_record(self):
         if self._record is not None:
@@ -207,17 +291,64 @@ class SnapshotJob:
     def _elapsed(self):
         return round(self._clock() - self._started, 3)
 
-    def _shut_off_domain(self, error=exception.InstanceNotShutOff):
+    def _shut_off_domain(self):
         domain = self._hypervisor.get_domain(self.instance_uuid)
         if not domain.shut_off:
-            raise error(instance_uuid=self.instance_uuid, state=domain.state)
+            raise exception.InstanceNotShutOff(
+                instance_uuid=self.instance_uuid, state=domain.state)
         return domain
 
-    def _check_image_queued(self):
-        image = self._images.get(self.image_id)
-        if image.get('status') != 'queued':
-            raise exception.ImageNotQueued(image_id=self.image_id,
-                                           status=image.get('status'))
+    def _project_id(self):
+        return getattr(self._context, 'project_id', None)
+
+    def _is_admin(self):
+        return 'admin' in (getattr(self._context, 'roles', None) or [])
+
+    def _claim_image(self):
+        """Make the image this job's (see ``glance.ImageService.claim``)."""
+        try:
+            image = self._images.claim(self.image_id, self._project_id())
+        except (exception.ImageNotOwned, exception.ImageNotQueued) as e:
+            self.payload.image_status = e.kwargs.get('status')
+            raise
+        except exception.ImageNotFound:
+            # Gone, or another project's private image: either way the
+            # worker cannot say more about it than Glance did.
+            self.payload.image_status = None
+            raise
+        self.payload.image_status = image.get('status')
+        if self._record is not None:
+            self._record.claim_image()
+        self._owns_image = True
+
+    def _check_instance_owner(self, domain):
+        """The instance is the requesting project's, or the caller an admin.
+
+        The owner is Nova's metadata in the domain XML; a domain without
+        it is nobody's, which only an admin may snapshot.
+        """
+        if self._is_admin():
+            return
+        if domain.owner_project is None or (
+                domain.owner_project != self._project_id()):
+            raise exception.InstanceNotOwned(
+                instance_uuid=self.instance_uuid,
+                owner=domain.owner_project or 'unknown',
+                project_id=self._project_id())
+
+    def _check_size(self, facts):
+        limits = []
+        if self._conf.worker.max_virtual_size:
+            limits.append((self._conf.worker.max_virtual_size,
+                           '[worker] max_virtual_size'))
+        if self._max_virtual_size:
+            limits.append((self._max_virtual_size,
+                           'the root disk size of the instance\'s flavor'))
+        for limit, why in limits:
+            if facts.virtual_size > limit:
+                raise exception.DiskTooLarge(
+                    path=facts.location, virtual_size=facts.virtual_size,
+                    limit=limit, why=why)
 
     def _target_format(self, facts):
         fmt = self._requested_format or facts.format

@@ -4,9 +4,11 @@
         cast a snapshot to host H's worker and follow it to the end
     snapworker watch [--image-id ID]
         print snapworker notifications as they arrive (JSON, one a line)
-    snapworker stream DISK [--format raw|qcow2] [-o FILE|-]
+    snapworker stream DISK --source-format raw|qcow2 [--format raw|qcow2]
+            [-o FILE|-]
         write exactly the bytes the worker would upload for DISK; the plan
-        goes to stderr as one JSON object
+        goes to stderr as one JSON object. The disk's format is given, as
+        the domain XML gives it to the worker: never guessed
 
 Every command reads the same configuration files as the worker
 (``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
@@ -74,9 +76,18 @@ class _WriteJob:
     makes ``snapworker stream`` show exactly what the worker would upload.
     """
 
+    #: Names the scratch directory of a convert plan.
+    image_id = 'stream'
+
     def __init__(self, out):
         self._out = out
         self.bytes_read = self.bytes_out = self.scratch_bytes = 0
+
+    def track(self, kind, ref):
+        """Nothing to journal: the plan's cleanup runs before exit."""
+
+    def handed_over(self, kind, ref, to, **details):
+        return lambda: None
 
     def upload(self, body, disk_format):
         while True:
@@ -99,12 +110,13 @@ class _WriteJob:
 
 def cmd_stream(args, out):
     disk = os.path.abspath(args.disk)
-    source = file_source.FileSource(disk, CONF,
+    source = file_source.FileSource(disk, args.source_format, CONF,
                                     allowed_dir=os.path.dirname(disk))
     try:
         facts = source.inspect()
         plan = source.plan(args.format or facts.format)
     except exception.SnapshotError as e:
+        source.close()
         sys.stderr.write(f'{e}\n')
         return 1
     sink = (out.buffer if args.output == '-'
@@ -112,8 +124,18 @@ def cmd_stream(args, out):
     job = _WriteJob(sink)
     try:
         plan.run(job)
+        source.verify_unchanged()
+    except BaseException as e:
+        if sink is not out.buffer:
+            sink.close()
+            os.unlink(args.output)
+        if not isinstance(e, exception.SnapshotError):
+            raise
+        sys.stderr.write(f'{e}\n')
+        return 1
     finally:
         plan.cleanup()
+        source.close()
         if sink is not out.buffer:
             sink.close()
     sys.stderr.write(json.dumps({
@@ -155,6 +177,10 @@ def _parser():
         'stream', help='write the bytes the worker would upload for a '
                        'disk file (reads it only)')
     stream.add_argument('disk')
+    stream.add_argument('--source-format', required=True,
+                        choices=('raw', 'qcow2'),
+                        help='the disk\'s format (as its domain XML says); '
+                             'never guessed from its bytes')
     stream.add_argument('--format', choices=('raw', 'qcow2'),
                         help='target format (default: as the source)')
     stream.add_argument('-o', '--output', default='-',

@@ -1,6 +1,7 @@
-"""Options of the [worker] group: RPC, admission, notifications, journal."""
+"""Options of the [worker] group: RPC, admission, limits, journal."""
 
 from oslo_config import cfg
+from oslo_utils import units
 
 group = cfg.OptGroup('worker', title='Snapshot worker options')
 
@@ -70,6 +71,45 @@ opts = [
                     'tmpfs) and be private to this worker: records hold '
                     'the requesting user\'s token, and the worker makes '
                     'the directory mode 0700.'),
+    cfg.IntOpt('max_virtual_size',
+               default=units.Ti,
+               min=0,
+               help='Largest virtual disk size, in bytes, the worker '
+                    'snapshots (default 1 TiB, Glance\'s default '
+                    '``image_size_cap``). A qcow2 header can claim any '
+                    'size, and a raw target of a huge sparse disk streams '
+                    'zeros until Glance\'s store is full; such a disk is '
+                    'refused before a byte moves. A request from Nova also '
+                    'bounds it by the root disk size the flavor gave the '
+                    'instance. 0 means no limit.'),
+    cfg.ListOpt('block_device_prefixes',
+                default=[],
+                help='Path prefixes a block device root disk (Nova\'s '
+                     '``images_type = lvm``) must start with, as the '
+                     'domain XML names it: Nova\'s volume group, e.g. '
+                     '``/dev/nova-vg/`` (end a directory with ``/``). '
+                     'Empty refuses every block device, so no other '
+                     'device of the host can be read.'),
+    cfg.IntOpt('helper_address_space',
+               default=units.Gi,
+               min=64 * units.Mi,
+               help='Address space limit, in bytes, of qemu-img and '
+                    'qemu-nbd, which parse images the guest wrote (Nova '
+                    'runs ``qemu-img info`` under 1 GiB too).'),
+    cfg.IntOpt('helper_cpu_time',
+               default=3600,
+               min=1,
+               help='CPU time limit, in seconds, of qemu-img and qemu-nbd. '
+                    'A convert of a large disk with compression needs '
+                    'minutes of CPU; the limit stops a helper a crafted '
+                    'image keeps busy.'),
+    cfg.IntOpt('helper_stall_timeout',
+               default=120,
+               min=1,
+               help='Seconds a helper (qemu-nbd answering one request, '
+                    'qemu-img convert doing I/O) may make no progress '
+                    'before it is killed and its snapshot fails, freeing '
+                    'its slot.'),
 ]
 
 

@@ -5,6 +5,7 @@ import sys
 from snapworker import exception
 from snapworker.sources import base
 from snapworker.sources import block as block_source
+from snapworker.sources import convert
 from snapworker.sources import file as file_source
 
 
@@ -14,7 +15,8 @@ def open_source(root_disk, conf):
     :param root_disk: a ``hypervisor.RootDisk``.
     """
     if root_disk.kind == 'file':
-        return file_source.FileSource(root_disk.path, conf)
+        return file_source.FileSource(root_disk.path,
+                                      root_disk.driver_format, conf)
     if root_disk.kind == 'rbd' and root_disk.pool and root_disk.name:
         return _rbd().RbdSource(root_disk.pool, root_disk.name, conf)
     if root_disk.kind == 'block':
@@ -40,7 +42,7 @@ def remove_leftover(conf, kind, ref):
     :raises ValueError: a kind or ref this worker never journals.
     """
     if kind == base.SCRATCH_DIR:
-        file_source.remove_scratch_dir(conf, ref)
+        convert.remove_scratch_dir(conf, ref)
     elif kind in (base.RBD_SNAPSHOT, base.RBD_CLONE):
         _rbd().remove_leftover(conf, kind, ref)
     else:

@@ -4,7 +4,8 @@ A source is one instance disk of one kind (``file.py``: a disk file and its
 backing chain; ``rbd.py``: an RBD image; block devices). The pipeline asks
 it, in this order:
 
-1. ``inspect()`` - facts about the disk, read without reading its data::
+1. ``inspect()`` - facts about the disk, read without reading its data,
+   after checking and pinning what will be read (``chain.py``)::
 
        SourceFacts(kind='file', format='qcow2', virtual_size=1073741824,
                    location='/var/lib/nova/instances/<uuid>/disk',
@@ -16,7 +17,9 @@ it, in this order:
 2. ``plan(target_format, store)`` - the cheapest ``Plan`` that produces the
    image: ``clone`` (no data moves), ``stream`` (one read, no scratch) or
    ``convert`` (what Nova does today).
-3. ``close()`` - always, success or failure.
+3. ``verify_unchanged()`` - once the data is read: what was pinned is
+   still what it was (else ``SourceChanged``).
+4. ``close()`` - always, success or failure.
 
 A plan moves the data. ``run(job)`` calls back into the job it is given::
 
@@ -137,6 +140,14 @@ class Source(abc.ABC):
         :param release_first: a suspended guest waits for the disk
             (``[worker] suspended_guest_plan``): prefer the plan that
             releases it soonest over the one that finishes soonest.
+        """
+
+    def verify_unchanged(self):
+        """Raise ``SourceChanged`` if what ``inspect`` pinned has changed.
+
+        Called once the data has been read (``job.source_released``):
+        a source that cannot change under the worker (an RBD snapshot)
+        has nothing to check.
         """
 
     def close(self):

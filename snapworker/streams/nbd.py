@@ -14,10 +14,12 @@ SIGKILL), the kernel closes the socket; qemu-nbd runs without
 
 import functools
 import os
+import time
 from collections.abc import Iterator
 
 import nbd
 from oslo_log import log as logging
+from oslo_utils import units
 
 from snapworker.streams.extents import DiskView
 from snapworker.streams.extents import Extent
@@ -25,48 +27,74 @@ from snapworker.streams.extents import merge_extents
 
 LOG = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
+MiB = units.Mi
+GiB = units.Gi
 # libnbd refuses requests above 32 MiB; 4 MiB keeps replies in one chunk.
 DEFAULT_REQUEST_SIZE = 4 * MiB
 # NBD block status lengths are 32-bit; ask for 1 GiB at a time, aligned,
 # so a multi-terabyte disk is mapped in bounded, cheap requests.
 BLOCK_STATUS_SPAN = 1 * GiB
 ALLOCATION = 'base:allocation'
+#: Seconds one NBD exchange may take by default (see NbdChainView).
+DEFAULT_TIMEOUT = 120.0
+
+
+def qemu_nbd_argv(filename, fmt=None):
+    """The qemu-nbd command exporting ``filename`` read-only.
+
+    :param filename: a ``json:`` spec naming every node of a chain (what
+        the worker's sources pass: QEMU then opens only what they checked)
+        or a plain path, made absolute so that neither a leading ``-`` nor
+        a ``protocol:`` prefix can be misread.
+    :param fmt: the format of a plain path; a spec carries its drivers.
+    """
+    if not filename.startswith('json:'):
+        filename = os.path.abspath(filename)
+    argv = ['qemu-nbd', '--read-only', '--shared=1']
+    if fmt:
+        argv.append('--format=%s' % fmt)
+    return argv + [filename]
 
 
 class NbdChainView(DiskView):
-    """Read-only view of ``path`` and all its backing files.
+    """Read-only view of a whole chain, as one qemu-nbd exports it.
 
-    :param path: the top image of the chain; made absolute so that neither
-        a leading ``-`` nor a ``protocol:`` prefix can be misread by qemu.
-    :param fmt: the top image format (``qcow2`` or ``raw``); the formats of
-        backing files come from the image headers, as in Nova.
+    :param command: the qemu-nbd command line (``qemu_nbd_argv``, possibly
+        wrapped in resource limits); libnbd starts it with socket
+        activation.
     :param request_size: the largest single NBD read.
+    :param timeout: seconds any one NBD exchange (connecting, a block
+        status or a read) may take; then qemu-nbd is killed and
+        ``TimeoutError`` raised, so a stuck export cannot hold a job (and
+        its slot) forever.
 
     Raises ``nbd.Error`` if qemu-nbd cannot open the chain (for example a
     running QEMU holds the image lock), after reaping qemu-nbd.
     """
 
-    def __init__(self, path: str, fmt: str,
-                 request_size: int = DEFAULT_REQUEST_SIZE):
+    def __init__(self, command, request_size: int = DEFAULT_REQUEST_SIZE,
+                 timeout: float = DEFAULT_TIMEOUT):
         super().__init__()
-        self.path = os.path.abspath(path)
-        self.fmt = fmt
+        self.command = list(command)
         self.request_size = request_size
+        self.timeout = timeout
         self._handle = None
         handle = nbd.NBD()
         try:
             handle.add_meta_context(ALLOCATION)
-            handle.connect_systemd_socket_activation(
-                ['qemu-nbd', '--read-only', '--format=%s' % fmt,
-                 '--shared=1', self.path])
+            handle.aio_connect_systemd_socket_activation(self.command)
+            self._wait_for(handle, 'connecting',
+                           lambda: not handle.aio_is_connecting())
             self._size = handle.get_size()
             self._has_allocation = bool(handle.can_meta_context(ALLOCATION))
         except BaseException:
             self._drop(handle, clean=False)
             raise
         self._handle = handle
+
+    @property
+    def path(self):
+        return self.command[-1]
 
     @property
     def virtual_size(self) -> int:
@@ -84,8 +112,11 @@ class NbdChainView(DiskView):
         while offset < self._size:
             span = min(BLOCK_STATUS_SPAN, self._size - offset)
             found = []
-            self._handle.block_status(
-                span, offset, functools.partial(self._collect, found, span))
+            self._complete(
+                'block status',
+                self._handle.aio_block_status(
+                    span, offset,
+                    functools.partial(self._collect, found, span)))
             if not found:
                 raise OSError('no block status from qemu-nbd at %d' % offset)
             yield from found
@@ -112,14 +143,31 @@ class NbdChainView(DiskView):
         return 0
 
     def pread(self, offset: int, length: int) -> bytes:
-        if length <= self.request_size:
-            return self._count(self._handle.pread(length, offset), offset,
-                               length)
         parts = []
         for pos in range(offset, offset + length, self.request_size):
             size = min(self.request_size, offset + length - pos)
-            parts.append(self._handle.pread(size, pos))
-        return self._count(b''.join(parts), offset, length)
+            buf = nbd.Buffer(size)
+            self._complete('read', self._handle.aio_pread(buf, pos))
+            parts.append(buf.to_bytearray())
+        data = parts[0] if len(parts) == 1 else b''.join(parts)
+        return self._count(bytes(data), offset, length)
+
+    def _complete(self, what, cookie):
+        """Wait for one command; ``nbd.Error`` if the server failed it."""
+        handle = self._handle
+        self._wait_for(handle, what,
+                       lambda: handle.aio_command_completed(cookie))
+
+    def _wait_for(self, handle, what, done):
+        deadline = time.monotonic() + self.timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                LOG.warning('qemu-nbd for %s: %s took over %.0f s; '
+                            'stopping it', self.path, what, self.timeout)
+                raise TimeoutError(
+                    f'qemu-nbd: {what} took over {self.timeout:.0f} s')
+            handle.poll(max(1, int(min(remaining, 1.0) * 1000)))
 
     def close(self) -> None:
         handle, self._handle = self._handle, None

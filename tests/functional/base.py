@@ -26,6 +26,7 @@ import testtools
 from oslo_context import context as o_context
 
 from snapworker import events
+from snapworker import notifications
 from snapworker import rpcapi
 from snapworker.conf import CONF
 from tests.services import __main__ as services_main
@@ -54,6 +55,15 @@ def shared_services():
         CONF([], project='snapworker', default_config_files=[])
         CONF.set_override('transport_url', _SERVICES['transport_url'])
     return _SERVICES
+
+
+def nova_metadata(project_id, user_id='user'):
+    """The ``<metadata>`` Nova writes into a domain: its owner."""
+    return (f"<metadata><nova:instance xmlns:nova="
+            f"'http://openstack.org/xmlns/libvirt/nova/1.1'>"
+            f"<nova:owner><nova:user uuid='{user_id}'>u</nova:user>"
+            f"<nova:project uuid='{project_id}'>p</nova:project>"
+            f"</nova:owner></nova:instance></metadata>")
 
 
 def qemu_img(*args):
@@ -157,8 +167,12 @@ class FunctionalTestCase(testtools.TestCase):
             os.unlink(path)
 
     def define_domain(self, disk_xml=None, path=None, fmt='qcow2',
-                      running=False):
-        """A libvirt domain named like Nova's, with this root disk."""
+                      running=False, owner=None):
+        """A libvirt domain named like Nova's, with this root disk.
+
+        :param owner: the project in Nova's metadata; the test context's
+            project by default.
+        """
         instance_uuid = str(uuid.uuid4())
         if disk_xml is None:
             disk_xml = (f"<disk type='file' device='disk'>"
@@ -168,6 +182,7 @@ class FunctionalTestCase(testtools.TestCase):
         dom = self.libvirt.defineXML(
             f"<domain type='test'><name>instance-{instance_uuid[:8]}</name>"
             f"<uuid>{instance_uuid}</uuid><memory>65536</memory>"
+            f"{nova_metadata(owner or self.context.project_id)}"
             f"<os><type>hvm</type></os><devices>{disk_xml}</devices>"
             f"</domain>")
         self.addCleanup(self._undefine, dom)
@@ -216,18 +231,43 @@ class FunctionalTestCase(testtools.TestCase):
     # -- snapshots ------------------------------------------------------------
 
     def snapshot(self, instance_uuid, image_id, target_format=None,
-                 timeout=120, host=None):
-        """Cast a snapshot and return its events up to the final one."""
+                 timeout=120, host=None, context=None, **fields):
+        """Cast a snapshot and return its events up to the final one.
+
+        :param fields: sent as they are, with no client-side check (a
+            forged or malformed request); the RPC client's method is
+            used otherwise.
+        """
         with events.Subscription(CONF, image_id=image_id) as sub:
-            self.api.create_snapshot(self.context, host or self.worker.host,
-                                     instance_uuid, image_id,
-                                     target_format=target_format)
+            if fields:
+                self.api.client.prepare(
+                    server=host or self.worker.host).cast(
+                    context or self.context, 'create_snapshot',
+                    instance_uuid=instance_uuid, image_id=image_id,
+                    target_format=target_format, **fields)
+            else:
+                self.api.create_snapshot(
+                    context or self.context, host or self.worker.host,
+                    instance_uuid, image_id, target_format=target_format)
             received = list(sub.until_finished(timeout))
         if not received or received[-1].event_type not in (
-                'snapshot.create.end', 'snapshot.create.error'):
+                notifications.FINAL):
             self.fail(f'no final event for {image_id}; worker log:\n'
                       f'{self.worker.log_tail()}')
         return received
+
+    def assertNoHelperLeft(self):
+        """No qemu-img or qemu-nbd is left in the worker's process tree."""
+        left = []
+        for pid in worker_service.process_tree(self.worker.process.proc.pid):
+            try:
+                with open(f'/proc/{pid}/comm') as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name.startswith(('qemu-img', 'qemu-nbd', 'prlimit')):
+                left.append((pid, name))
+        self.assertEqual([], left)
 
     def assertNoScratchLeft(self):
         scratch = self.worker.scratch_dir

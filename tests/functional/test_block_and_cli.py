@@ -80,7 +80,8 @@ class StreamCommandTest(base.FunctionalTestCase):
         for target in ('qcow2', 'raw'):
             out = os.path.join(self.workdir, f'cli-out.{target}')
             self.addCleanup(self._remove, out)
-            plan = self._stream(overlay, '--format', target, '-o', out)
+            plan = self._stream(overlay, '--source-format', 'qcow2',
+                                '--format', target, '-o', out)
             self.assertEqual(('stream', 'qcow2', target, 0),
                              (plan['strategy'], plan['source_format'],
                               plan['target_format'], plan['scratch_bytes']))
@@ -92,3 +93,33 @@ class StreamCommandTest(base.FunctionalTestCase):
                 self.assertNotIn('backing-filename', info)
                 base.qemu_img('check', out)
         self.assertEqual(before, (_md5(base_file), _md5(overlay)))
+
+    def test_compressed_qcow2_runs_the_convert_plan(self):
+        disk = self.make_disk('cli-raw', 'raw', size='16M',
+                              writes=('write -P 0x56 0 4M',))
+        conf = os.path.join(self.workdir, 'cli-compress.conf')
+        scratch = os.path.join(self.workdir, 'cli-scratch')
+        with open(conf, 'w') as f:
+            f.write(f'[DEFAULT]\nscratch_dir = {scratch}\n'
+                    f'[worker]\ncompress_qcow2 = true\n')
+        out = os.path.join(self.workdir, 'cli-compressed.qcow2')
+        self.addCleanup(self._remove, out)
+        plan = self._stream(disk, '--config-file', conf, '--source-format',
+                            'raw', '--format', 'qcow2', '-o', out)
+        self.assertEqual('convert', plan['strategy'])
+        self.assertGreater(plan['scratch_bytes'], 0)
+        self.assertTrue(base.images_identical(disk, out))
+        base.qemu_img('check', out)
+        # The scratch copy went with the command.
+        self.assertEqual([], os.listdir(scratch))
+
+    def test_format_is_required_and_a_failure_leaves_no_output(self):
+        disk = self.make_disk('cli-plain', 'raw', size='1M')
+        out = os.path.join(self.workdir, 'cli-none.qcow2')
+        proc = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), 'snapworker'),
+             'stream', disk, '--source-format', 'qcow2', '-o', out],
+            capture_output=True, text=True)
+        self.assertEqual(1, proc.returncode)
+        self.assertIn('no qcow2 magic', proc.stderr)
+        self.assertFalse(os.path.exists(out))

@@ -186,6 +186,15 @@ class NovaComputeTestBase(base.FunctionalTestCase):
             url=cls.services['glance_noauth_url'], state_dir='',
             log_path='', pid=0, pipeline='noauth').client()
 
+    def create_image(self, **props):
+        """An image of the user's project, as Nova's API creates one.
+
+        The unauthenticated Glance gives images no owner; Nova's API
+        creates a snapshot image as the user, so it is the user's
+        project's, which the worker checks.
+        """
+        return super().create_image(owner=self.context.project_id, **props)
+
     def nova_snapshot(self, driver, instance_uuid, image_id, host=None,
                       live=False, libvirt_opts=None, **snapworker_opts):
         """Run one ``driver.snapshot()`` in a child nova-compute.

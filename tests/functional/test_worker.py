@@ -153,8 +153,14 @@ class FailuresTest(base.FunctionalTestCase):
         image_id = self.create_image(disk_format='raw',
                                      container_format='bare')
         self.glance.images.upload(image_id, io.BytesIO(b'x' * 512))
-        message = self._snapshot_fails(instance, image_id, 'ImageNotQueued')
-        self.assertIn('active', message)
+        last = self.snapshot(instance, image_id)[-1]
+        # Not this request's image to fill: refused, and left as it is.
+        self.assertEqual(('snapshot.create.refused', 'ImageNotQueued',
+                          'active'),
+                         (last.event_type, last.payload['error_code'],
+                          last.payload['image_status']))
+        self.assertIn('left untouched', last.payload['error_message'])
+        self.assertEqual('active', self.image_status(image_id))
         self._worker_still_serves()
 
     def test_unknown_instance(self):

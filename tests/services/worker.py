@@ -38,6 +38,7 @@ def write_config(path, *, host, services, instances_path, scratch_dir,
         graceful_shutdown_timeout = 60
         [worker]
         progress_interval = 0.2
+        block_device_prefixes = /dev/loop
         journal_dir = {journal_dir or os.path.join(
             os.path.dirname(scratch_dir), 'journal')}
         [glance]

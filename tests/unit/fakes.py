@@ -7,7 +7,18 @@ these; functional tests replace them with libvirt and Glance themselves.
 import threading
 
 from snapworker import exception
+from snapworker import glance
 from snapworker import hypervisor
+
+#: The project of the unit tests' request contexts, domains and images.
+PROJECT = 'p'
+
+
+def _format_of(path):
+    """What Nova would write into the domain XML for a test disk file."""
+    if path and path.endswith(('.raw', '.img')):
+        return 'raw'
+    return 'qcow2'
 
 
 class FakeHypervisor:
@@ -17,11 +28,14 @@ class FakeHypervisor:
         self.domains = {}
 
     def add(self, instance_uuid, state='shut off', path=None, kind='file',
-            managed_save=False):
-        disk = hypervisor.RootDisk(kind=kind, path=path) if path else None
+            managed_save=False, fmt=None, owner=PROJECT):
+        disk = hypervisor.RootDisk(
+            kind=kind, path=path,
+            driver_format=fmt or _format_of(path)) if path else None
         self.domains[instance_uuid] = hypervisor.Domain(
             uuid=instance_uuid, name=f'instance-{instance_uuid[:8]}',
-            state=state, root_disk=disk, managed_save=managed_save)
+            state=state, root_disk=disk, managed_save=managed_save,
+            owner_project=owner)
 
     def get_domain(self, instance_uuid):
         try:
@@ -48,8 +62,9 @@ class FakeImageService:
         self.upload_gate = None
         self.lock = threading.Lock()
 
-    def create(self, image_id, status='queued'):
-        self.images[image_id] = {'id': image_id, 'status': status}
+    def create(self, image_id, status='queued', owner=PROJECT):
+        self.images[image_id] = {'id': image_id, 'status': status,
+                                 'owner': owner}
 
     def __call__(self, context):
         return self
@@ -59,6 +74,9 @@ class FakeImageService:
             return dict(self.images[image_id])
         except KeyError:
             raise exception.ImageNotFound(image_id=image_id) from None
+
+    def claim(self, image_id, project_id):
+        return glance.check_claim(self.get(image_id), project_id)
 
     def upload(self, image_id, body, size, disk_format, store=None):
         if self.upload_gate is not None:

@@ -170,6 +170,14 @@ class DevstackPluginTest(testtools.TestCase):
         self.assertEqual('qemu+tcp://localhost/system',
                          conf.get('DEFAULT', 'libvirt_uri'))
 
+    def test_post_config_allows_only_novas_volume_group(self):
+        self.write_nova_conf(libvirt={'images_type': 'lvm',
+                                      'images_volume_group': 'stack-vg'})
+        self.run_plugin('stack post-config')
+        conf = self.read_ini(os.path.join(self.conf_dir, 'snapworker.conf'))
+        self.assertEqual('/dev/stack-vg/',
+                         conf.get('worker', 'block_device_prefixes'))
+
     def test_extra_runs_worker_and_unstack_stops_it(self):
         calls = self.run_plugin('stack extra', 'unstack')
 

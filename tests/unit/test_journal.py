@@ -17,6 +17,7 @@ from oslo_context import context as o_context
 from oslo_utils import uuidutils
 
 from snapworker import exception
+from snapworker import glance
 from snapworker import journal
 from snapworker import manager
 from snapworker import sources
@@ -220,8 +221,10 @@ class RecordsTestCase(JournalTestCase):
 class _Images:
     """Glance double: one image's status; what was deleted."""
 
-    def __init__(self, status='saving', get_error=None, delete_ok=True):
+    def __init__(self, status='saving', get_error=None, delete_ok=True,
+                 owner='p'):
         self.status = status
+        self.owner = owner
         self.get_error = get_error
         self.delete_ok = delete_ok
         self.deleted = []
@@ -236,7 +239,10 @@ class _Images:
             raise self.get_error
         if self.status is None:
             raise exception.ImageNotFound(image_id=image_id)
-        return {'id': image_id, 'status': self.status}
+        return {'id': image_id, 'status': self.status, 'owner': self.owner}
+
+    def claim(self, image_id, project_id):
+        return glance.check_claim(self.get(image_id), project_id)
 
     def delete(self, image_id):
         self.deleted.append(image_id)
@@ -272,6 +278,7 @@ class RecoveryTestCase(JournalTestCase):
         """A clone job's record as a crash left it."""
         record = self._record()
         record.begin()
+        record.claim_image()
         record.track(base.RBD_SNAPSHOT, SNAP)
         record.track(base.RBD_CLONE, CLONE)
         if registered:
@@ -284,6 +291,7 @@ class RecoveryTestCase(JournalTestCase):
     def test_half_uploaded_image_deleted_and_scratch_removed(self):
         record = self._record()
         record.begin()
+        record.claim_image()
         record.track(base.SCRATCH_DIR, '/scratch/convert-x')
         self.assertEqual(0, self._recover())
         self.assertEqual([record.image_id], self.images.deleted)
@@ -386,8 +394,10 @@ class RecoveryTestCase(JournalTestCase):
         first = self._record()
         first.data['started_at'] = '2024-01-01T00:00:00'
         first.begin()
+        first.claim_image()
         second = self._record()
         second.begin()
+        second.claim_image()
 
         def images(context):
             if not self.images.contexts:
@@ -403,6 +413,7 @@ class RecoveryTestCase(JournalTestCase):
     def test_record_of_another_host_is_left_alone(self):
         record = self._record()
         record.begin()
+        record.claim_image()
         recovery = journal.Recovery(self.journal, self.images, self._undo,
                                     self._resume, self._report,
                                     host='compute-2')
@@ -452,6 +463,7 @@ class ManagerRecoveryTestCase(testtools.TestCase):
         record = self.manager._journal.new_record(image_id, instance,
                                                   _context(), 'compute-1')
         record.begin()
+        record.claim_image()
         workdir = os.path.join(self.scratch, f'convert-{image_id}')
         record.track(base.SCRATCH_DIR, workdir)
         os.makedirs(workdir)
@@ -475,6 +487,7 @@ class ManagerRecoveryTestCase(testtools.TestCase):
         record = self.manager._journal.new_record(
             image_id, uuidutils.generate_uuid(), _context(), 'compute-1')
         record.begin()
+        record.claim_image()
 
         self.assertEqual(0, self.manager.recover())
         self.assertEqual([], self.images.deleted)

@@ -34,7 +34,7 @@ class _Collector:
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
         self.events.put((event_type, payload['snapworker_object.data']))
 
-    error = info
+    error = warn = info
 
 
 class ManagerTestCase(testtools.TestCase):
@@ -59,6 +59,7 @@ class ManagerTestCase(testtools.TestCase):
         self.conf.config(executor_thread_pool_size=1)
         self.hypervisor = fakes.FakeHypervisor()
         self.images = fakes.FakeImageService()
+        self.formats = {}
         self._start_messaging()
 
     def _start_messaging(self):
@@ -108,6 +109,8 @@ class ManagerTestCase(testtools.TestCase):
         subprocess.run(cmd + [path, size], check=True)
         subprocess.run(['qemu-io', '-f', fmt, '-c', 'write -P 0x5a 0 1M',
                         path], check=True, capture_output=True)
+        # What Nova would write into the domain XML for this disk.
+        self.formats[path] = fmt
         return path
 
     def _request(self, path, state='shut off', image_status='queued',
@@ -115,7 +118,8 @@ class ManagerTestCase(testtools.TestCase):
         instance, image = (uuidutils.generate_uuid(),
                            uuidutils.generate_uuid())
         self.hypervisor.add(instance, state=state, path=path,
-                            managed_save=managed_save)
+                            managed_save=managed_save,
+                            fmt=self.formats.get(path))
         self.images.create(image, status=image_status)
         self.api.create_snapshot(self.context, HOST, instance, image,
                                  target_format=target_format)
@@ -126,7 +130,8 @@ class ManagerTestCase(testtools.TestCase):
         while True:
             event_type, payload = self.collector.events.get(timeout=timeout)
             events.append((event_type, payload))
-            if event_type in (notifications.END, notifications.ERROR):
+            if event_type in (notifications.END, notifications.ERROR,
+                              notifications.REFUSED):
                 return events
 
     def test_qcow2_without_backing_is_streamed_as_is(self):
@@ -206,8 +211,12 @@ class ManagerTestCase(testtools.TestCase):
         path = self._disk()
         _, image = self._request(path, image_status='active')
         events = self._events_until_final()
+        self.assertEqual(notifications.REFUSED, events[-1][0])
         self.assertEqual('ImageNotQueued', events[-1][1]['error_code'])
-        self.assertEqual([image], self.images.deleted)
+        self.assertEqual('active', events[-1][1]['image_status'])
+        # Someone else's (or an earlier delivery's) image: never deleted.
+        self.assertEqual([], self.images.deleted)
+        self.assertEqual('active', self.images.get(image)['status'])
 
     def test_unknown_instance(self):
         image = uuidutils.generate_uuid()

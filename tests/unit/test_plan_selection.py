@@ -21,6 +21,7 @@ class FilePlanTestCase(testtools.TestCase):
         super().setUp()
         self.conf = self.useFixture(config_fixture.Config(CONF))
         self.dir = self.useFixture(fixtures.TempDir()).path
+        self.formats = {}
         self.conf.config(instances_path=self.dir,
                          scratch_dir=os.path.join(self.dir, 'scratch'))
 
@@ -34,10 +35,17 @@ class FilePlanTestCase(testtools.TestCase):
         proc = subprocess.run(cmd + [path, size], capture_output=True,
                               text=True)
         self.assertEqual(0, proc.returncode, proc.stderr)
+        self.formats[path] = fmt
         return path
 
+    def _source(self, path):
+        """The source as the worker opens it: format as Nova records it."""
+        fmt = 'raw' if os.path.basename(path) in ('r', 'base') else 'qcow2'
+        return file_source.FileSource(path, self.formats.get(path, fmt),
+                                      CONF)
+
     def _plan(self, path, target):
-        source = file_source.FileSource(path, CONF)
+        source = self._source(path)
         facts = source.inspect()
         return facts, source.plan(target or facts.format)
 
@@ -73,7 +81,7 @@ class FilePlanTestCase(testtools.TestCase):
         base = self._image('base', 'raw')
         top = self._image('top', 'qcow2', backing=base)
         for path, target in ((top, 'qcow2'), (base, 'raw')):
-            source = file_source.FileSource(path, CONF)
+            source = self._source(path)
             source.inspect()
             plan = source.plan(target, release_first=True)
             self.assertEqual('convert', plan.strategy)
@@ -87,7 +95,7 @@ class FilePlanTestCase(testtools.TestCase):
         self.assertEqual('stream', plan.strategy)
 
     def _refused(self, path, reason):
-        source = file_source.FileSource(path, CONF)
+        source = self._source(path)
         error = self.assertRaises(exception.UnsupportedDisk, source.inspect)
         self.assertIn(reason, str(error))
 
@@ -115,6 +123,6 @@ class FilePlanTestCase(testtools.TestCase):
         subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', base,
                         '4M'], check=True)
         top = self._image('top', 'qcow2', backing=base)
-        source = file_source.FileSource(top, CONF)
+        source = self._source(top)
         self.assertRaises(exception.DiskOutsideInstancesPath,
                           source.inspect)

@@ -130,12 +130,12 @@ class QemuTestCase(testtools.TestCase):
         """
         self.drop_cache()
         expected_read = self.nonzero_bytes(top, fmt)
-        view = nbd.NbdChainView(top, fmt)
+        view = nbd.NbdChainView(nbd.qemu_nbd_argv(top, fmt))
         out = self.write_stream(raw.RawStream(view), 'out.raw')
         self.assert_same(top, fmt, out, 'raw')
         self.assertEqual(expected_read, view.bytes_read)
         self.drop_cache()
-        view = nbd.NbdChainView(top, fmt)
+        view = nbd.NbdChainView(nbd.qemu_nbd_argv(top, fmt))
         out = self.write_stream(
             qcow2.Qcow2Stream(view, cluster_size=qcow2_cluster_size),
             'out.qcow2')

@@ -170,7 +170,7 @@ class ChainTestCase(qemu.QemuTestCase):
         self.io(top, 'qcow2', 'write -P 0xa2 %d 512k' % (TiB - 512 * KiB))
         # qemu reports the first 4 KiB of a raw file as data, always.
         self.assertEqual(MiB + 4 * KiB, self.nonzero_bytes(top, 'qcow2'))
-        view = nbd.NbdChainView(top, 'qcow2')
+        view = nbd.NbdChainView(nbd.qemu_nbd_argv(top, 'qcow2'))
         out = self.write_stream(qcow2.Qcow2Stream(view), 'out.qcow2')
         self.assertEqual(MiB + 4 * KiB, view.bytes_read)
         self.assertLess(os.path.getsize(out), 2 * MiB)

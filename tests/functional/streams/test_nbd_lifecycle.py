@@ -17,8 +17,8 @@ from tests.functional.streams import qemu
 MiB = 1024 * 1024
 HOLDER = '''
 import sys
-from snapworker.streams.nbd import NbdChainView
-view = NbdChainView(sys.argv[1], 'qcow2')
+from snapworker.streams.nbd import NbdChainView, qemu_nbd_argv
+view = NbdChainView(qemu_nbd_argv(sys.argv[1], 'qcow2'))
 view.pread(0, 4096)
 print('ready', flush=True)
 sys.stdin.read()
@@ -48,7 +48,7 @@ class NbdLifecycleTestCase(qemu.QemuTestCase):
         self.io(self.top, 'qcow2', 'write -P 7 0 1M')
 
     def test_close_reaps_qemu_nbd(self):
-        view = nbd.NbdChainView(self.top, 'qcow2')
+        view = nbd.NbdChainView(nbd.qemu_nbd_argv(self.top, 'qcow2'))
         self.assertEqual(1, len(qemu.child_qemu_nbd()))
         self.assertEqual(b'\x07' * 10, view.pread(0, 10))
         view.close()
@@ -59,12 +59,14 @@ class NbdLifecycleTestCase(qemu.QemuTestCase):
         raw_file = self.create('plain.raw', 'raw', MiB)
         for path, fmt in ((self.path('missing.qcow2'), 'qcow2'),
                           (raw_file, 'qcow2')):
-            self.assertRaises(libnbd.Error, nbd.NbdChainView, path, fmt)
+            self.assertRaises(libnbd.Error, nbd.NbdChainView,
+                              nbd.qemu_nbd_argv(path, fmt))
             self.assertEqual([], qemu.child_qemu_nbd())
 
     def test_error_while_streaming_reaps_qemu_nbd(self):
         def fail_midway():
-            with qcow2.Qcow2Stream(nbd.NbdChainView(self.top, 'qcow2')) as s:
+            view = nbd.NbdChainView(nbd.qemu_nbd_argv(self.top, 'qcow2'))
+            with qcow2.Qcow2Stream(view) as s:
                 s.read(MiB)
                 raise RuntimeError('upload failed')
 
@@ -75,7 +77,8 @@ class NbdLifecycleTestCase(qemu.QemuTestCase):
         with open(self.top, 'rb') as f:
             before = hashlib.sha256(f.read()).hexdigest()
         mtime = os.stat(self.top).st_mtime_ns
-        with raw.RawStream(nbd.NbdChainView(self.top, 'qcow2')) as stream:
+        view = nbd.NbdChainView(nbd.qemu_nbd_argv(self.top, 'qcow2'))
+        with raw.RawStream(view) as stream:
             while stream.read():
                 pass
         with open(self.top, 'rb') as f:
@@ -83,7 +86,8 @@ class NbdLifecycleTestCase(qemu.QemuTestCase):
         self.assertEqual(mtime, os.stat(self.top).st_mtime_ns)
 
     def test_large_pread_is_split(self):
-        with nbd.NbdChainView(self.top, 'qcow2', request_size=4096) as view:
+        with nbd.NbdChainView(nbd.qemu_nbd_argv(self.top, 'qcow2'),
+                              request_size=4096) as view:
             self.assertEqual(b'\x07' * MiB, view.pread(0, MiB))
             self.assertEqual(MiB, view.bytes_read)
 
