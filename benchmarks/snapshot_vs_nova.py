@@ -630,7 +630,7 @@ class Images:
         """A queued image as Nova's API creates one for a snapshot."""
         return self.client.images.create(
             name=name, image_type='snapshot', instance_uuid=instance_uuid,
-            user_id=USER_ID, **fields)['id']
+            user_id=USER_ID, owner=PROJECT_ID, **fields)['id']
 
     def download(self, image_id):
         """The image's bytes in a file, zero chunks left as holes.

@@ -108,6 +108,10 @@ class GlanceError(SnapshotError):
     msg_fmt = 'Glance request failed for image {image_id}: {reason}'
 
 
+class GlanceUnavailable(GlanceError):
+    msg_fmt = ('Glance did not answer for image {image_id}: {reason}')
+
+
 class ImageDataRejected(SnapshotError):
     msg_fmt = ('Glance refused the data of image {image_id} as '
                '{disk_format} ({reason}): its format inspection found data '
@@ -127,6 +131,12 @@ class CommandFailed(SnapshotError):
 class WorkerStopping(SnapshotError):
     msg_fmt = ('The worker was stopped before the snapshot of instance '
                '{instance_uuid} started.')
+
+
+class StaleRequest(SnapshotError):
+    msg_fmt = ('The request for image {image_id} was sent {age} s ago, more '
+               'than [worker] max_request_age ({limit} s): whoever sent it '
+               'has given up, so it is not run and the image not touched.')
 
 
 class JournalError(SnapshotError):

@@ -113,6 +113,20 @@ def _retrying(func, *args, **kwargs):
             time.sleep(min(2 ** attempt, 10))
 
 
+#: What says Glance did not answer at all (down, hung, overloaded).
+_UNAVAILABLE = (glance_exc.CommunicationError, glance_exc.InvalidEndpoint,
+                glance_exc.HTTPServiceUnavailable, glance_exc.HTTPBadGateway,
+                ks_exc.ConnectFailure, ks_exc.ConnectTimeout,
+                ks_exc.RequestTimeout)
+
+
+def _glance_error(image_id, error):
+    """The snapworker exception for a glanceclient/keystoneauth error."""
+    cls = (exception.GlanceUnavailable if isinstance(error, _UNAVAILABLE)
+           else exception.GlanceError)
+    return cls(image_id=image_id, reason=str(error))
+
+
 def _http_status(error):
     """The HTTP status of a glanceclient error, or None.
 
@@ -166,8 +180,7 @@ class ImageService:
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
         except _GLANCE_ERRORS as e:
-            raise exception.GlanceError(image_id=image_id,
-                                        reason=str(e)) from e
+            raise _glance_error(image_id, e) from e
 
     def claim(self, image_id, project_id):
         """The image, if a snapshot for ``project_id`` may fill it.
@@ -201,8 +214,7 @@ class ImageService:
                 raise exception.ImageDataRejected(
                     image_id=image_id, disk_format=disk_format,
                     reason=str(e)) from e
-            raise exception.GlanceError(image_id=image_id,
-                                        reason=str(e)) from e
+            raise _glance_error(image_id, e) from e
 
     def wait_active(self, image_id, timeout, interval=0.5):
         """Block until the image is active; return its metadata."""
@@ -221,21 +233,39 @@ class ImageService:
                     status=f'{status} after {timeout} s')
             time.sleep(interval)
 
-    def delete(self, image_id):
+    def delete(self, image_id, retries=True):
         """Delete the image, as Nova does for a failed snapshot.
 
-        Best effort: the snapshot has already failed, and a cleanup error
-        must not hide its cause. Returns whether the image is gone.
+        Never raises: the snapshot has already failed, and a cleanup error
+        must not hide its cause. Returns whether Glance confirmed the
+        image is gone; when it did not, the caller hands the image to the
+        reaper (``reaper.py``).
+
+        :param retries: retry on connection failures first (``[glance]
+            num_retries``); the reaper, which retries on its own
+            schedule, makes single attempts.
         """
         try:
-            _retrying(self._client.images.delete, image_id)
+            if retries:
+                _retrying(self._client.images.delete, image_id)
+            else:
+                self._client.images.delete(image_id)
         except glance_exc.HTTPNotFound:
             return True
-        except Exception:
-            LOG.exception('Could not delete image %s after a failed '
-                          'snapshot', image_id)
+        except Exception as e:
+            LOG.warning('Could not delete image %s: %s', image_id, e)
             return False
         return True
+
+    def status(self, image_id):
+        """The image's status; ``deleted`` when Glance has no such image.
+
+        :raises GlanceError: Glance did not answer.
+        """
+        try:
+            return self.get(image_id).get('status')
+        except exception.ImageNotFound:
+            return 'deleted'
 
     # -- data already in a store (RBD clones) --------------------------------
 

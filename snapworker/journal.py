@@ -67,6 +67,9 @@ VERSION = 1
 #: Owners (see the module docstring); any other owner is background work.
 JOB = 'job'
 GLANCE = 'glance'
+#: The background deletion of an image (reaper.py; sources.base names).
+REAPER = 'reaper'
+GLANCE_IMAGE = 'glance_image'
 #: Records hold a few resources and a request context (with its service
 #: catalog); anything bigger is not a record this worker wrote.
 _MAX_RECORD_BYTES = 1024 * 1024
@@ -409,8 +412,11 @@ class Recovery:
         ``delete`` (``glance.ImageService``).
     :param undo: ``undo(kind, ref)`` removes one resource, gone already
         being success; raises on failure.
-    :param resume: ``resume(entry, done)`` restarts background work on a
-        resource; it calls ``done()`` when finished.
+    :param resume: ``resume(record, entry, done)`` restarts background
+        work on a resource; it calls ``done()`` when finished. An image
+        that recovery cannot settle (Glance does not answer) is handed to
+        such work too: an entry ``{'kind': 'glance_image', 'ref': <image
+        id>, 'owner': 'reaper', 'details': {'keep_if_active': true}}``.
     :param report: ``report(record, outcome, image_status)`` sends the
         error notification; ``outcome`` says what recovery did.
     :param host: this worker's host; a record written by another host (a
@@ -461,12 +467,18 @@ class Recovery:
                         record.instance_uuid, record.image_id,
                         record.data.get('started_at'))
             status = self._settle_image(record)
+            # Glance did not answer about an image the job had claimed:
+            # settle it in the background, not only at the next start.
+            pending = status is None and record.image_owned
+            if pending:
+                record.handed_over(GLANCE_IMAGE, record.image_id, REAPER,
+                                   keep_if_active=True)
             removed, failed = self._undo_owned(record, status)
-            if status is not None and not record.reported:
+            if (status is not None or pending) and not record.reported:
                 self._report(record, _outcome(status, removed, failed),
                              status)
                 record.mark_reported()
-            if status is None or failed:
+            if failed or (status is None and not pending):
                 return False
         resumed = self._resume_background(record)
         record.finish()
@@ -524,7 +536,7 @@ class Recovery:
             if entry.get('owner') in (JOB, GLANCE):
                 continue
             try:
-                self._resume(entry, record.done_callback(entry))
+                self._resume(record, entry, record.done_callback(entry))
             except Exception:
                 LOG.exception('Could not resume %s of %s %s', entry['owner'],
                               entry['kind'], entry['ref'])
@@ -537,6 +549,9 @@ def _outcome(image_status, removed, failed):
     if image_status == 'active':
         parts = ['kept the image, which Glance reports active (its data '
                  'was complete and registered before the stop)']
+    elif image_status is None:
+        parts = ['could not reach Glance: the image is deleted in the '
+                 'background once Glance answers (kept if it is active)']
     elif image_status == 'deleted':
         parts = ['deleted the unfinished image']
     else:

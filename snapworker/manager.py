@@ -11,6 +11,7 @@ starts again, from the jobs' journal records.
 import concurrent.futures
 import functools
 import threading
+import time
 
 import oslo_messaging as messaging
 from oslo_context import context as o_context
@@ -24,7 +25,9 @@ from snapworker import journal
 from snapworker import notifications
 from snapworker import objects
 from snapworker import pipeline
+from snapworker import reaper
 from snapworker import sources
+from snapworker.sources import base as sources_base
 
 LOG = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ _TARGET_FORMATS = (None, 'raw', 'qcow2')
 
 
 def _request_error(instance_uuid, image_id, target_format,
-                   max_virtual_size):
+                   max_virtual_size, sent_at=None):
     """Why a request's fields are unusable, or None.
 
     Checked at the endpoint before anything else: a field of the wrong
@@ -54,6 +57,9 @@ def _request_error(instance_uuid, image_id, target_format,
             or max_virtual_size < 0):
         return (f'max_virtual_size {max_virtual_size!r} is not a '
                 f'non-negative integer')
+    if sent_at is not None and (isinstance(sent_at, bool) or
+                                not isinstance(sent_at, (int, float))):
+        return f'sent_at {sent_at!r} is not a time in seconds'
     return None
 
 
@@ -85,9 +91,11 @@ class SnapshotManager:
         self._lock = threading.Lock()
         self._journal = journal.Journal(conf.worker.journal_dir)
         self._journal.prepare()
+        self._reaper = reaper.ImageReaper()
 
     def create_snapshot(self, context, instance_uuid, image_id,
-                        target_format=None, max_virtual_size=None):
+                        target_format=None, max_virtual_size=None,
+                        sent_at=None):
         """Queue one snapshot; see rpcapi.SnapworkerAPI.create_snapshot.
 
         Never raises into the dispatcher: every outcome, a malformed
@@ -95,13 +103,13 @@ class SnapshotManager:
         """
         try:
             self._accept(context, instance_uuid, image_id, target_format,
-                         max_virtual_size)
+                         max_virtual_size, sent_at)
         except Exception:
             LOG.exception('Snapshot request for image %r could not be '
                           'accepted', image_id)
 
     def _accept(self, context, instance_uuid, image_id, target_format,
-                max_virtual_size):
+                max_virtual_size, sent_at):
         if not (isinstance(image_id, str)
                 and uuidutils.is_uuid_like(image_id)):
             # No image to claim or to report on: nothing else to do.
@@ -109,7 +117,7 @@ class SnapshotManager:
                       '%r (instance %r)', image_id, instance_uuid)
             return
         error = _request_error(instance_uuid, image_id, target_format,
-                               max_virtual_size)
+                               max_virtual_size, sent_at)
         if error:
             LOG.error('Malformed snapshot request for image %s: %s',
                       image_id, error)
@@ -119,7 +127,8 @@ class SnapshotManager:
                  '(target format %s)', instance_uuid, image_id,
                  target_format or 'as source')
         job = self._make_job(context, instance_uuid, image_id, target_format,
-                             max_virtual_size, error)
+                             max_virtual_size, error,
+                             sent_at=None if error else sent_at)
         with self._lock:
             if self._stopping.is_set():
                 job.fail_unstarted(exception.WorkerStopping(
@@ -162,7 +171,7 @@ class SnapshotManager:
             self._conf.worker.progress_interval)
 
     def _make_job(self, context, instance_uuid, image_id, target_format,
-                  max_virtual_size=None, request_error=None):
+                  max_virtual_size=None, request_error=None, sent_at=None):
         record = self._journal.new_record(image_id, instance_uuid, context,
                                           self._conf.host)
         return pipeline.SnapshotJob(
@@ -172,7 +181,8 @@ class SnapshotManager:
                                target_format),
             instance_uuid, image_id, target_format, record=record,
             context=context, max_virtual_size=max_virtual_size,
-            request_error=request_error)
+            request_error=request_error, reaper=self._reaper,
+            sent_at=sent_at)
 
     # -- crash recovery -------------------------------------------------------
 
@@ -197,7 +207,16 @@ class SnapshotManager:
     def _recovery_images(self, context_dict):
         return self._image_service_factory(_load_context(context_dict))
 
-    def _resume_background(self, entry, done):
+    def _resume_background(self, record, entry, done):
+        if entry['owner'] == sources_base.REAPER:
+            # A failed job's image (deleted whatever its status), or one
+            # recovery could not settle (kept if it turns out active).
+            details = entry.get('details') or {}
+            self._reaper.add(
+                self._recovery_images(record.context), entry['ref'], done,
+                keep_if_active=bool(details.get('keep_if_active')), now=True,
+                claim_project=details.get('claim_project'))
+            return
         sources.resume_background(
             self._conf, entry['owner'], entry['kind'], entry['ref'],
             entry.get('details') or {}, done)
@@ -234,9 +253,16 @@ class SnapshotManager:
             if not stopping:
                 self._running.append(job)
         try:
+            age = self._age(job)
             if stopping:
                 job.fail_unstarted(exception.WorkerStopping(
                     instance_uuid=job.instance_uuid))
+            elif age is not None:
+                # Nova gave up on it long ago and deleted (or will delete)
+                # the image: fail it without touching the image.
+                job.fail(exception.StaleRequest(
+                    image_id=job.image_id, age=round(age, 1),
+                    limit=self._conf.worker.max_request_age))
             else:
                 job.run()
         except Exception:
@@ -249,13 +275,28 @@ class SnapshotManager:
                 if job in self._running:
                     self._running.remove(job)
 
+    def _age(self, job):
+        """How old the request is if it is too old to run, else None."""
+        limit = self._conf.worker.max_request_age
+        sent_at = job.sent_at
+        if not limit or sent_at is None:
+            return None
+        age = time.time() - sent_at
+        return age if age > limit else None
+
     def stop(self):
         """Fail queued jobs, wait for running ones."""
         with self._lock:
             self._stopping.set()
         self._executor.shutdown(wait=True)
-        sources.stop_background_work()
-        self._hypervisor.close()
+        for what, step in (('background source work',
+                            sources.stop_background_work),
+                           ('image reaper', self._reaper.stop),
+                           ('libvirt connection', self._hypervisor.close)):
+            try:
+                step()
+            except Exception:
+                LOG.exception('Stopping the %s failed', what)
 
 
 def _load_context(context_dict):

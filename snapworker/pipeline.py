@@ -44,7 +44,7 @@ class SnapshotJob:
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
                  image_id, target_format, clock=time.monotonic,
                  record=None, context=None, max_virtual_size=None,
-                 request_error=None):
+                 request_error=None, reaper=None, sent_at=None):
         """:param record: the job's ``journal.Record`` (written when the
             request was accepted); None runs without a journal (nothing
             to recover after a crash).
@@ -55,6 +55,10 @@ class SnapshotJob:
             max_virtual_size``.
         :param request_error: why the request is malformed, if it is: the
             job then only claims the image (to delete it) and fails.
+        :param reaper: the ``reaper.ImageReaper`` that deletes the image
+            when Glance does not at once; None: no retries.
+        :param sent_at: when the client sent the request (epoch seconds),
+            for the manager's ``[worker] max_request_age``.
         """
         self._conf = conf
         self._hypervisor = hypervisor
@@ -74,8 +78,12 @@ class SnapshotJob:
         self._context = context
         self._max_virtual_size = max_virtual_size
         self._request_error = request_error
+        self._reaper = reaper
+        self.sent_at = sent_at
         #: The image is this request's: deleted if the snapshot fails.
         self._owns_image = False
+        #: Glance did not answer the claim: settled by the reaper.
+        self._claim_pending = False
 
     def describe(self):
         """What ``get_status`` reports about this job."""
@@ -274,9 +282,13 @@ class SnapshotJob:
             code, message = 'InternalError', f'{type(error).__name__}: {error}'
             LOG.error('Snapshot of %s into image %s failed',
                       self.instance_uuid, self.image_id, exc_info=error)
-        if self._owns_image:
-            if self._images.delete(self.image_id):
-                self.payload.image_status = 'deleted'
+        try:
+            if self._owns_image:
+                self._delete_image(error)
+            elif self._claim_pending:
+                self._hand_to_reaper(claim=True)
+        except Exception:
+            LOG.exception('Deleting image %s failed', self.image_id)
         self.payload.duration_seconds = self._elapsed()
         self._end_record()
         if getattr(error, 'refusal', False) and not self._owns_image:
@@ -284,9 +296,52 @@ class SnapshotJob:
         else:
             self._emitter.error(code, message)
 
+    def _delete_image(self, error):
+        """Delete the claimed image, or hand it to the reaper.
+
+        One attempt, unless the failure itself was Glance not answering
+        (another attempt would only make the error later): the reaper
+        retries in the background, the journal keeps the image's record
+        until Glance confirms, and ``image_status`` stays what Glance last
+        reported.
+        """
+        if not isinstance(error, exception.GlanceUnavailable) and (
+                self._images.delete(self.image_id, retries=False)):
+            self.payload.image_status = 'deleted'
+            return
+        LOG.warning('Image %s of the failed snapshot is not deleted yet '
+                    '(Glance last said %s); deletion continues in the '
+                    'background', self.image_id, self.payload.image_status)
+        self._hand_to_reaper(
+            now=isinstance(error, exception.GlanceUnavailable))
+
+    def _hand_to_reaper(self, claim=False, now=False):
+        if self._reaper is None:
+            return
+        details = {'claim_project': self._project_id()} if claim else {}
+        try:
+            done = self.handed_over(sources_base.GLANCE_IMAGE, self.image_id,
+                                    to=sources_base.REAPER, **details)
+        except exception.JournalError:
+            LOG.exception('The pending deletion of image %s is not '
+                          'journalled: a restart before it succeeds '
+                          'forgets it', self.image_id)
+            done = _noop
+        self._reaper.add(self._images, self.image_id, done, now=now,
+                         claim_project=details.get('claim_project'))
+
     def _end_record(self):
+        """Close the journal record; a failure is logged, not raised.
+
+        Nothing may keep the final event from being sent; a record that
+        could not be closed is recovered at the next start.
+        """
         if self._record is not None:
-            self._record.finish()
+            try:
+                self._record.finish()
+            except Exception:
+                LOG.exception('Could not close the journal record of image '
+                              '%s', self.image_id)
 
     def _elapsed(self):
         return round(self._clock() - self._started, 3)
@@ -315,6 +370,11 @@ class SnapshotJob:
             # Gone, or another project's private image: either way the
             # worker cannot say more about it than Glance did.
             self.payload.image_status = None
+            raise
+        except exception.GlanceUnavailable:
+            # Whether the image is the request's is not known yet: the
+            # reaper claims it (then deletes it) once Glance answers.
+            self._claim_pending = True
             raise
         self.payload.image_status = image.get('status')
         if self._record is not None:

@@ -15,6 +15,9 @@ from snapworker import rpc
 
 LOG = logging.getLogger(__name__)
 
+#: Seconds the final notifications get to reach the broker at stop.
+_FLUSH_SECONDS = 10
+
 
 class WorkerService(service.Service):
 
@@ -23,6 +26,7 @@ class WorkerService(service.Service):
         self._conf = conf
         self.manager = None
         self._server = None
+        self._notifier = None
         self._transports = []
 
     def start(self):
@@ -31,8 +35,9 @@ class WorkerService(service.Service):
         transport = rpc.get_transport(conf)
         notification_transport = rpc.get_notification_transport(conf)
         self._transports = [transport, notification_transport]
-        notifier = notifications.get_notifier(notification_transport, conf)
-        self.manager = manager.SnapshotManager(conf, notifier)
+        self._notifier = notifications.get_notifier(notification_transport,
+                                                    conf)
+        self.manager = manager.SnapshotManager(conf, self._notifier)
         # Before taking requests: what a killed worker left is cleaned up
         # (and reported) first, and nothing new competes with it.
         self.manager.recover()
@@ -46,16 +51,29 @@ class WorkerService(service.Service):
                  conf.worker.topic, conf.host)
 
     def stop(self, graceful=True):
-        """Stop taking requests, then let the manager finish or fail jobs."""
-        if self._server is not None:
-            self._server.stop()
-        if self.manager is not None:
-            self.manager.stop()
-        if self._server is not None:
-            self._server.wait()
-            self._server = None
-        for transport in self._transports:
-            transport.cleanup()
+        """Stop taking requests, let the manager end its jobs, flush events.
+
+        Each step is isolated (as ironic's RPCService.stop): one that
+        fails is logged and the next still runs, so the jobs' final
+        notifications are flushed and the transports closed whatever
+        went wrong before.
+        """
+        steps = (
+            ('stop the RPC server', self._server and self._server.stop),
+            ('stop the manager', self.manager and self.manager.stop),
+            ('wait for the RPC server', self._server and self._server.wait),
+            ('flush notifications', self._notifier and (
+                lambda: self._notifier.stop(_FLUSH_SECONDS))),
+        ) + tuple((f'close transport {i}', t.cleanup)
+                  for i, t in enumerate(self._transports))
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                LOG.exception('Stopping snapworker: could not %s', what)
+        self._server = self._notifier = None
         self._transports = []
         super().stop(graceful=graceful)
         LOG.info('snapworker stopped')

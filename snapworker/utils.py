@@ -9,7 +9,9 @@ A helper reads a disk the guest wrote, so it runs confined, as Nova runs
   the helper's disk reads in ``bytes_read``;
 * in a session (process group) of its own, so that a signal sent to the
   worker's process group (how init systems stop a service) does not kill
-  it under a running job: the worker stops its helpers itself;
+  it under a running job: the worker stops its helpers itself, and a
+  worker that dies abruptly takes them along (``setpriv --pdeathsig``:
+  the kernel kills a helper whose parent is gone);
 * with a stall timeout: a helper whose I/O counters do not move for
   ``[worker] helper_stall_timeout`` seconds is killed and its job fails,
   freeing its slot.
@@ -43,10 +45,12 @@ def confined(argv, conf, new_session=True):
 
     :param new_session: prefix ``setsid``, for helpers started by someone
         else (libnbd starts qemu-nbd). ``setsid`` does not fork when its
-        caller is not a group leader, so the pid (systemd socket
-        activation's ``LISTEN_PID``) stays the same through every exec.
+        caller is not a group leader, and ``setpriv`` and ``prlimit`` only
+        exec, so the pid (systemd socket activation's ``LISTEN_PID``)
+        stays the same through every exec.
     """
-    wrapped = ['prlimit', *limits(conf).prlimit_args(), '--', *argv]
+    wrapped = ['setpriv', '--pdeathsig', 'KILL', '--',
+               'prlimit', *limits(conf).prlimit_args(), '--', *argv]
     return ['setsid', *wrapped] if new_session else wrapped
 
 

@@ -11,6 +11,9 @@ from oslo_config import cfg
 
 group = cfg.OptGroup('glance', title='Image service options')
 
+#: Seconds ``[glance] timeout`` defaults to here.
+DEFAULT_TIMEOUT = 60
+
 opts = [
     cfg.StrOpt('auth_strategy',
                default='keystone',
@@ -52,6 +55,11 @@ def register_opts(conf):
     ks_loading.register_session_conf_options(conf, group.name)
     ks_loading.register_adapter_conf_options(conf, group.name,
                                              include_deprecated=False)
+    # keystoneauth's default is no timeout at all: a hung Glance would
+    # hold a slot and the disk for as long as it hangs. The timeout bounds
+    # the wait for each answer and each blocked send of an upload (it is
+    # the socket timeout), not the whole upload.
+    conf.set_default('timeout', DEFAULT_TIMEOUT, group=group.name)
     conf.set_default('service_type', 'image', group=group.name)
     conf.set_default('valid_interfaces', ['internal', 'public'],
                      group=group.name)

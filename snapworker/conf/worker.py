@@ -71,6 +71,16 @@ opts = [
                     'tmpfs) and be private to this worker: records hold '
                     'the requesting user\'s token, and the worker makes '
                     'the directory mode 0700.'),
+    cfg.IntOpt('max_request_age',
+               default=120,
+               min=0,
+               help='Seconds after it was sent (RPC 1.1 ``sent_at``) that a '
+                    'request is still run when it reaches a slot. Casts '
+                    'wait in the queue while the worker is down, and Nova '
+                    'gives up after ``[snapworker] accept_timeout`` (120 '
+                    's by default) and deletes the image: an older request '
+                    'ends with an error and touches nothing. Keep it at '
+                    'Nova\'s accept_timeout. 0 runs requests of any age.'),
     cfg.IntOpt('max_virtual_size',
                default=units.Ti,
                min=0,

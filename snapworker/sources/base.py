@@ -62,10 +62,14 @@ SUPPORTED_TARGET_FORMATS = ('raw', 'qcow2')
 SCRATCH_DIR = 'scratch_dir'
 RBD_SNAPSHOT = 'rbd_snapshot'
 RBD_CLONE = 'rbd_clone'
+#: The job's Glance image (ref: its id), when its deletion is pending.
+GLANCE_IMAGE = 'glance_image'
 #: Who a resource can be handed over to (``job.handed_over(to=...)``):
-#: Glance, as the image's data; the background RBD flattener.
+#: Glance, as the image's data; the background RBD flattener; the image
+#: reaper (reaper.py), which deletes an image Glance did not delete.
 GLANCE = 'glance'
 FLATTENER = 'flattener'
+REAPER = 'reaper'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,7 +110,7 @@ def stop_from_dict(d, timeout=15):
 
 
 def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
-          timeout=60):
+          timeout=60, port=None):
     """Start Glance with its config, database and stores under state_dir.
 
     rbd, if given, adds a ``ceph`` rbd store beside the default ``local``
@@ -120,6 +120,8 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
     WAL mode, because a read transaction cannot upgrade to a write after
     another process committed. Requests queue instead. Returns a GlanceService
     once ``/versions`` answers; raises services.ServiceError otherwise.
+    ``port``: a given port, to restart a stopped Glance where it was (its
+    database and stores stay in state_dir).
     """
     if pipeline not in PIPELINES:
         raise ValueError("pipeline must be one of %s" % (PIPELINES,))
@@ -129,7 +131,7 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
     state_dir = os.path.abspath(state_dir)
     for sub in ("images", "staging", "tasks", "locks"):
         os.makedirs(os.path.join(state_dir, sub), exist_ok=True)
-    port = services.free_port()
+    port = port or services.free_port()
     conf_path = _write_config(state_dir, port, pipeline, rbd)
     log_path = os.path.join(state_dir, "glance.log")
     _db_sync(state_dir, conf_path, log_path)

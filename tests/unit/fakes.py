@@ -96,7 +96,11 @@ class FakeImageService:
     def wait_active(self, image_id, timeout):
         return self.get(image_id)
 
-    def delete(self, image_id):
+    def status(self, image_id):
+        image = self.images.get(image_id)
+        return image['status'] if image else 'deleted'
+
+    def delete(self, image_id, retries=True):
         self.deleted.append(image_id)
         self.images.pop(image_id, None)
         return True

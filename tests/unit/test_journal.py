@@ -244,7 +244,7 @@ class _Images:
     def claim(self, image_id, project_id):
         return glance.check_claim(self.get(image_id), project_id)
 
-    def delete(self, image_id):
+    def delete(self, image_id, retries=True):
         self.deleted.append(image_id)
         return self.delete_ok
 
@@ -264,7 +264,7 @@ class RecoveryTestCase(JournalTestCase):
             raise self.undo_errors.pop(ref)
         self.undone.append(ref)
 
-    def _resume(self, entry, done):
+    def _resume(self, record, entry, done):
         self.resumed.append((entry['owner'], entry['ref'], done))
 
     def _report(self, record, outcome, image_status):
@@ -334,28 +334,34 @@ class RecoveryTestCase(JournalTestCase):
         self.assertEqual([CLONE, SNAP], self.undone)
         self.assertEqual('deleted', self.reports[0][1])
 
-    def test_glance_unreachable_keeps_record_and_image_data(self):
+    def test_glance_unreachable_hands_the_image_to_the_reaper(self):
         record = self._interrupted_clone(registered=True)
         self.images.get_error = exception.GlanceError(image_id='x',
                                                       reason='401')
-        self.assertEqual(1, self._recover())
-        # What the job alone owned goes; Glance's share waits for Glance.
-        self.assertEqual([SNAP], self.undone)
-        self.assertEqual([], self.reports)
-        self.assertEqual([CLONE], [e['ref'] for e in
-                                   self._on_disk(record)['resources']])
-        self.images.get_error = None
         self.assertEqual(0, self._recover())
-        self.assertEqual([SNAP, CLONE], self.undone)
-        self.assertEqual(1, len(self.reports))
+        # What the job alone owned goes; the image (and the clone Glance
+        # owns with it) is settled in the background, reported once.
+        self.assertEqual([SNAP], self.undone)
+        [(image_id, status, outcome)] = self.reports
+        self.assertEqual((record.image_id, None), (image_id, status))
+        self.assertIn('deleted in the background', outcome)
+        [(owner, ref, done)] = self.resumed
+        self.assertEqual(('reaper', record.image_id), (owner, ref))
+        entry = self._on_disk(record)['resources'][0]
+        self.assertEqual({'keep_if_active': True}, entry['details'])
+        done()
         self.assertEqual([], self._files())
 
-    def test_failed_delete_keeps_the_record(self):
+    def test_failed_delete_keeps_the_record_until_the_reaper_is_done(self):
         self._interrupted_clone(registered=False)
         self.images.delete_ok = False
-        self.assertEqual(1, self._recover())
-        self.assertEqual([], self.reports)
+        self.assertEqual(0, self._recover())
+        self.assertEqual(1, len(self.reports))
         self.assertEqual(1, len(self._files()))
+        [(owner, _ref, done)] = self.resumed
+        self.assertEqual('reaper', owner)
+        done()
+        self.assertEqual([], self._files())
 
     def test_failed_cleanup_reported_once_and_retried(self):
         record = self._interrupted_clone(registered=False)

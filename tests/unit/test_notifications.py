@@ -1,5 +1,8 @@
 """What a snapshot's emitter sends, and how often."""
 
+import threading
+import time
+
 import testtools
 
 from snapworker import notifications
@@ -75,3 +78,50 @@ class EmitterTestCase(testtools.TestCase):
         self.notifier.fail = True
         self.emitter.start()
         self.emitter.end()
+
+
+class QueuedNotifierTestCase(testtools.TestCase):
+    """Events leave in order from their own thread; a job never waits."""
+
+    class _Blocking:
+        def __init__(self):
+            self.gate = threading.Event()
+            self.sent = []
+            self.fail_first = 0
+
+        def info(self, context, event_type, payload):
+            self.gate.wait(10)
+            if self.fail_first:
+                self.fail_first -= 1
+                raise ConnectionError('broker away')
+            self.sent.append(event_type)
+
+        warn = error = info
+
+    def test_a_blocked_broker_does_not_block_the_caller(self):
+        backend = self._Blocking()
+        notifier = notifications.QueuedNotifier(backend, retry_delay=0.01)
+        started = time.monotonic()
+        for event in ('a', 'b', notifications.END):
+            notifier.info({}, event, {})
+        self.assertLess(time.monotonic() - started, 1)
+        backend.fail_first = 2
+        backend.gate.set()
+        self.assertTrue(notifier.flush(5))
+        self.assertEqual(['a', 'b', notifications.END], backend.sent)
+        notifier.stop(1)
+
+    def test_full_queue_drops_progress_never_final_events(self):
+        backend = self._Blocking()
+        notifier = notifications.QueuedNotifier(backend, max_queued=3,
+                                                retry_delay=0.01)
+        for event in (notifications.START, notifications.PROGRESS,
+                      notifications.PROGRESS, notifications.ERROR,
+                      notifications.END):
+            notifier.info({}, event, {})
+        backend.gate.set()
+        self.assertTrue(notifier.flush(5))
+        self.assertNotIn(notifications.PROGRESS, backend.sent[1:])
+        self.assertEqual([notifications.ERROR, notifications.END],
+                         backend.sent[-2:])
+        notifier.stop(1)

@@ -1,0 +1,287 @@
+"""True outcomes whatever fails: Glance down or hung, signals, crashes,
+stale requests, an unusable journal.
+
+Each test injects one fault into real services around a real worker and
+asserts the end state a user cares about: the image active and identical,
+or deleted with an error notification that tells the truth about it;
+nothing left behind; the next request served. Glance faults use a Glance
+of the class's own (started and stopped by the class), never the shared
+one the other tests use.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from testtools import content
+
+from snapworker import events
+from snapworker import notifications
+from snapworker.conf import CONF
+from tests.functional import base
+from tests.services import glance as glance_service
+from tests.services import worker as worker_service
+
+MiB = 1024 * 1024
+
+
+def _journal(workdir):
+    path = os.path.join(workdir, 'journal')
+    return sorted(n for n in os.listdir(path) if n.endswith('.json'))
+
+
+class OutcomeTestCase(base.FunctionalTestCase):
+
+    def wait_for(self, predicate, what, timeout=90):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f'timed out waiting for {what}\n'
+                          f'{self.worker.log_tail()}')
+            time.sleep(0.1)
+
+    def assertServesNext(self):
+        disk = self.make_disk(f'next-{time.monotonic_ns()}', 'raw',
+                              size='1M')
+        instance, _ = self.define_domain(path=disk, fmt='raw')
+        image = self.create_image()
+        last = self.snapshot(instance, image)[-1]
+        self.assertEqual(notifications.END, last.event_type, last.payload)
+
+
+class GlanceFaultTest(OutcomeTestCase):
+    """A Glance of its own that the tests kill, restart and freeze."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.glance_dir = os.path.join(
+            tempfile.mkdtemp(prefix='snapworker-glance-'), 'glance')
+        cls.own_glance = glance_service.start(cls.glance_dir)
+        cls.worker_conf = {
+            'glance.endpoint_override': cls.own_glance.url,
+            # Bounded waits, so a hung Glance fails a job in seconds.
+            'glance.timeout': '3', 'glance.num_retries': '1',
+        }
+        try:
+            super().setUpClass()
+        except BaseException:
+            cls.own_glance.stop()
+            raise
+        cls.glance = cls.own_glance.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.own_glance.stop()
+
+    def _restart_glance(self):
+        port = int(self.own_glance.url.rsplit(':', 1)[1])
+        type(self).own_glance = glance_service.start(self.glance_dir,
+                                                     port=port)
+
+    def _big_disk(self):
+        return self.make_disk(f'big-{time.monotonic_ns()}', 'raw',
+                              size='384M', writes=('write -P 0x42 0 320M',))
+
+    def test_glance_killed_mid_upload_and_back_later(self):
+        disk = self._big_disk()
+        instance, _ = self.define_domain(path=disk, fmt='raw')
+        image = self.create_image()
+        with events.Subscription(CONF, image_id=image) as sub:
+            self.api.create_snapshot(self.context, self.worker.host,
+                                     instance, image)
+            event = sub.wait(30)
+            while event.event_type != notifications.PROGRESS or (
+                    not event.payload['bytes_uploaded']):
+                event = sub.wait(30)
+            self.own_glance.stop()
+            killed = time.monotonic()
+            final = list(sub.until_finished(60))[-1]
+        elapsed = time.monotonic() - killed
+        self.assertEqual(notifications.ERROR, final.event_type)
+        self.assertLess(elapsed, 30)
+        # Glance could not be told: the truth is what it last said, and
+        # the journal keeps the image until Glance confirms its deletion.
+        self.assertNotEqual('deleted', final.payload['image_status'])
+        self.assertEqual([f'{image}.json'], _journal(self.workdir))
+        time.sleep(25)
+        self._restart_glance()
+        back = time.monotonic()
+        self.wait_for(lambda: self.image_status(image) == 'deleted',
+                      'the reaper to delete the image')
+        self.wait_for(lambda: not _journal(self.workdir),
+                      'the journal record to go')
+        self.addDetail('seconds', content.text_content(
+            f'error {elapsed:.1f} s after the kill; deleted '
+            f'{time.monotonic() - back:.1f} s after Glance was back'))
+        self.assertNoScratchLeft()
+        self.assertNoHelperLeft()
+        self.assertServesNext()
+
+    def test_glance_hung_mid_upload(self):
+        disk = self._big_disk()
+        instance, _ = self.define_domain(path=disk, fmt='raw')
+        image = self.create_image()
+        with events.Subscription(CONF, image_id=image) as sub:
+            self.api.create_snapshot(self.context, self.worker.host,
+                                     instance, image)
+            event = sub.wait(30)
+            while event.event_type != notifications.PROGRESS or (
+                    not event.payload['bytes_uploaded']):
+                event = sub.wait(30)
+            os.killpg(self.own_glance.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            try:
+                final = list(sub.until_finished(60))[-1]
+                elapsed = time.monotonic() - frozen
+            finally:
+                os.killpg(self.own_glance.pid, signal.SIGCONT)
+        self.assertEqual(('snapshot.create.error', 'GlanceUnavailable'),
+                         (final.event_type, final.payload['error_code']))
+        # The slot and the disk are free within a few timeouts.
+        self.assertLess(elapsed, 20)
+        self.wait_for(lambda: self.image_status(image) == 'deleted',
+                      'the reaper to delete the image')
+        self.wait_for(lambda: not _journal(self.workdir),
+                      'the journal record to go')
+        self.assertNoHelperLeft()
+        self.assertServesNext()
+
+
+class StopAndCrashTest(OutcomeTestCase):
+
+    worker_conf = {'worker.max_concurrent_snapshots': '1'}
+
+    def _queue_three(self, sub, disk, instance):
+        images = [self.create_image() for _ in range(3)]
+        for image in images:
+            self.api.create_snapshot(self.context, self.worker.host,
+                                     instance, image, 'raw')
+        event = sub.wait(30)
+        while event is not None and (
+                event.image_id not in images
+                or event.event_type != notifications.START):
+            event = sub.wait(30)
+        self.assertEqual(images[0], event.image_id)
+        return images
+
+    def _helpers(self):
+        found = []
+        for pid in worker_service.process_tree(self.worker.process.proc.pid):
+            try:
+                with open(f'/proc/{pid}/comm') as f:
+                    if f.read().strip() in ('qemu-nbd', 'qemu-img'):
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def test_group_sigterm_mid_stream_finishes_the_running_snapshot(self):
+        # qcow2 to raw: the running job reads through qemu-nbd.
+        disk = self.make_disk('nbd-src', 'qcow2', size='256M',
+                              writes=('write -P 0x5a 0 160M',))
+        instance, _ = self.define_domain(path=disk, fmt='qcow2')
+        with events.Subscription(CONF) as sub:
+            images = self._queue_three(sub, disk, instance)
+            self.wait_for(self._helpers, 'qemu-nbd to run')
+            helpers = self._helpers()
+            # As an init system stops a service: the whole group.
+            os.killpg(self.worker.process.proc.pid, signal.SIGTERM)
+            finals = {}
+            while len(finals) < 3:
+                event = sub.wait(60)
+                self.assertIsNotNone(event, finals)
+                if event.image_id in images and (
+                        event.event_type in notifications.FINAL):
+                    finals[event.image_id] = (event.event_type,
+                                              event.payload['error_code'])
+        self.assertEqual(0, self.worker.process.proc.wait(60))
+        self.assertEqual((notifications.END, None), finals[images[0]])
+        self.assertTrue(base.images_identical(
+            disk, self.download(images[0], 'raw')))
+        for image in images[1:]:
+            self.assertEqual((notifications.ERROR, 'WorkerStopping'),
+                             finals[image])
+            self.assertEqual('deleted', self.image_status(image))
+        for pid in helpers:
+            self.assertFalse(os.path.exists(f'/proc/{pid}'), pid)
+        self._restart()
+
+    def _restart(self):
+        old = self.worker.process
+        self.worker.process = worker_service.WorkerProcess(
+            old.conf_path, f'{old.log_path}.{time.monotonic_ns()}')
+        self.worker.process.start()
+
+    def test_sigkill_with_queued_requests_ends_each_one(self):
+        disk = self.make_disk('kill-src', 'qcow2', size='256M',
+                              writes=('write -P 0x5b 0 160M',))
+        instance, _ = self.define_domain(path=disk, fmt='qcow2')
+        with events.Subscription(CONF) as sub:
+            images = self._queue_three(sub, disk, instance)
+            self.wait_for(self._helpers, 'qemu-nbd to run')
+            helpers = self._helpers()
+            os.killpg(self.worker.process.proc.pid, signal.SIGKILL)
+            self.worker.process.proc.wait(30)
+            # Accepted requests are journalled before they wait.
+            self.assertEqual(sorted(f'{i}.json' for i in images),
+                             _journal(self.workdir))
+            self._restart()
+            finals = {}
+            while len(finals) < 3:
+                event = sub.wait(60)
+                self.assertIsNotNone(event, finals)
+                if event.image_id in images and (
+                        event.event_type in notifications.FINAL):
+                    finals[event.image_id] = (event.event_type,
+                                              event.payload['error_code'])
+        for image in images:
+            self.assertEqual((notifications.ERROR, 'WorkerRestarted'),
+                             finals[image])
+            self.assertEqual('deleted', self.image_status(image))
+        self.assertEqual([], _journal(self.workdir))
+        for pid in helpers:
+            self.assertFalse(os.path.exists(f'/proc/{pid}'), pid)
+        self.assertNoScratchLeft()
+        self.assertServesNext()
+
+    def test_stale_request_touches_nothing(self):
+        disk = self.make_disk('stale', 'raw', size='1M')
+        instance, _ = self.define_domain(path=disk, fmt='raw')
+        image = self.create_image()
+        last = self.snapshot(instance, image, 'raw',
+                             sent_at=time.time() - 1000,
+                             max_virtual_size=None)[-1]
+        self.assertEqual(('snapshot.create.error', 'StaleRequest'),
+                         (last.event_type, last.payload['error_code']))
+        self.assertIn('1000', last.payload['error_message'])
+        # Nova gave up and deletes it itself; the worker left it alone.
+        self.assertEqual('queued', self.image_status(image))
+        self.assertServesNext()
+
+
+class JournalDirTest(base.FunctionalTestCase):
+
+    def test_unusable_journal_dir_exits_without_respawning(self):
+        blocker = os.path.join(self.workdir, 'not-a-dir')
+        with open(blocker, 'w') as f:
+            f.write('x')
+        conf = os.path.join(self.workdir, 'bad-journal.conf')
+        worker_service.write_config(
+            conf, host='bad-journal', services=self.services,
+            instances_path=self.instances_path,
+            scratch_dir=os.path.join(self.workdir, 'bad-scratch'),
+            journal_dir=os.path.join(blocker, 'journal'))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable),
+                          'snapworker-worker'), '--config-file', conf],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(2, proc.returncode, proc.stderr[-2000:])
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertIn('journal_dir', proc.stderr)
+        self.assertIn('is unusable', proc.stderr)
+        self.assertNotIn('listening', proc.stderr)
