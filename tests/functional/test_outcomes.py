@@ -9,6 +9,7 @@ of the class's own (started and stopped by the class), never the shared
 one the other tests use.
 """
 
+import configparser
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from testtools import content
 from snapworker import events
 from snapworker import notifications
 from snapworker.conf import CONF
+from tests import services
 from tests.functional import base
 from tests.services import glance as glance_service
 from tests.services import worker as worker_service
@@ -179,17 +181,17 @@ class StopAndCrashTest(OutcomeTestCase):
                 pass
         return found
 
-    def test_group_sigterm_mid_stream_finishes_the_running_snapshot(self):
+    def _stop_mid_stream(self, stop):
+        """Stop the worker with ``stop(pid)`` while a stream runs."""
         # qcow2 to raw: the running job reads through qemu-nbd.
-        disk = self.make_disk('nbd-src', 'qcow2', size='256M',
-                              writes=('write -P 0x5a 0 160M',))
+        disk = self.make_disk(f'nbd-src-{time.monotonic_ns()}', 'qcow2',
+                              size='256M', writes=('write -P 0x5a 0 160M',))
         instance, _ = self.define_domain(path=disk, fmt='qcow2')
         with events.Subscription(CONF) as sub:
             images = self._queue_three(sub, disk, instance)
             self.wait_for(self._helpers, 'qemu-nbd to run')
             helpers = self._helpers()
-            # As an init system stops a service: the whole group.
-            os.killpg(self.worker.process.proc.pid, signal.SIGTERM)
+            stop(self.worker.process.proc.pid)
             finals = {}
             while len(finals) < 3:
                 event = sub.wait(60)
@@ -208,7 +210,24 @@ class StopAndCrashTest(OutcomeTestCase):
             self.assertEqual('deleted', self.image_status(image))
         for pid in helpers:
             self.assertFalse(os.path.exists(f'/proc/{pid}'), pid)
+        self.assertEqual([], _journal(self.workdir))
         self._restart()
+
+    def test_group_sigterm_mid_stream_finishes_the_running_snapshot(self):
+        # As init scripts stop a service: the whole process group.
+        self._stop_mid_stream(lambda pid: os.killpg(pid, signal.SIGTERM))
+
+    def test_stop_as_the_shipped_systemd_unit_does(self):
+        unit = configparser.ConfigParser(strict=False)
+        unit.read(os.path.join(services.REPO_ROOT, 'etc', 'systemd',
+                               'snapworker-worker.service'))
+        service = unit['Service']
+        # KillMode=mixed: KillSignal to the main process only; SIGKILL
+        # for what is left only after TimeoutStopSec.
+        self.assertEqual('mixed', service['KillMode'])
+        signum = getattr(signal, service['KillSignal'])
+        self.assertGreater(int(service['TimeoutStopSec']), 60)
+        self._stop_mid_stream(lambda pid: os.kill(pid, signum))
 
     def _restart(self):
         old = self.worker.process
