@@ -26,6 +26,7 @@ final event: a crash in between loses the event, not the cleanup, and
 Nova's waiter then learns the outcome from the image's status.
 """
 
+import dataclasses
 import time
 
 from oslo_log import log as logging
@@ -38,8 +39,8 @@ from snapworker.streams import body as streams_body
 LOG = logging.getLogger(__name__)
 
 
-class SnapshotJob:
-    """Runs one snapshot request; the callbacks are the API plans use."""
+class SnapshotJob(sources_base.PlanContext):
+    """Runs one snapshot request; the plan context fills its image."""
 
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
                  image_id, target_format, clock=time.monotonic,
@@ -60,6 +61,7 @@ class SnapshotJob:
         :param sent_at: when the client sent the request (epoch seconds),
             for the manager's ``[worker] max_request_age``.
         """
+        super().__init__()
         self._conf = conf
         self._hypervisor = hypervisor
         self._images = images
@@ -224,7 +226,11 @@ class SnapshotJob:
         self._describe(facts, plan)
         self._emitter.start()
         self._held_since = self._clock()
-        plan.run(self)
+        result = plan.run(self)
+        if result is not None:
+            for name, value in dataclasses.asdict(result).items():
+                if value is not None:
+                    setattr(self.payload, name, value)
         self.source_released()
         image = self._images.wait_active(
             self.image_id, self._conf.worker.active_timeout)

@@ -28,6 +28,7 @@ from snapworker import notifications
 from snapworker import rpcapi
 from snapworker.conf import CONF
 from snapworker.sources import file as file_source
+from snapworker.sources import writer
 
 
 def _print_event(event, out):
@@ -69,45 +70,6 @@ def cmd_watch(args, out):
             _print_event(event, out)
 
 
-class _WriteJob:
-    """The job API of sources/base.py, writing the body to a file.
-
-    Running the worker's own plans (not a copy of their logic) is what
-    makes ``snapworker stream`` show exactly what the worker would upload.
-    """
-
-    #: Names the scratch directory of a convert plan.
-    image_id = 'stream'
-
-    def __init__(self, out):
-        self._out = out
-        self.bytes_read = self.bytes_out = self.scratch_bytes = 0
-
-    def track(self, kind, ref):
-        """Nothing to journal: the plan's cleanup runs before exit."""
-
-    def handed_over(self, kind, ref, to, **details):
-        return lambda: None
-
-    def upload(self, body, disk_format):
-        while True:
-            data = body.read(1024 * 1024)
-            if not data:
-                break
-            self._out.write(data)
-            self.bytes_out += len(data)
-        self._out.flush()
-
-    def add_bytes_read(self, n):
-        self.bytes_read += n
-
-    def add_scratch_bytes(self, n):
-        self.scratch_bytes += n
-
-    def source_released(self):
-        pass
-
-
 def cmd_stream(args, out):
     disk = os.path.abspath(args.disk)
     source = file_source.FileSource(disk, args.source_format, CONF,
@@ -121,7 +83,7 @@ def cmd_stream(args, out):
         return 1
     sink = (out.buffer if args.output == '-'
             else open(args.output, 'xb'))
-    job = _WriteJob(sink)
+    job = writer.WriteContext(sink)
     try:
         plan.run(job)
         source.verify_unchanged()

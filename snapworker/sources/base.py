@@ -21,24 +21,30 @@ it, in this order:
    still what it was (else ``SourceChanged``).
 4. ``close()`` - always, success or failure.
 
-A plan moves the data. ``run(job)`` calls back into the job it is given::
+A plan moves the data. ``run(ctx)`` is given a ``PlanContext`` (the
+pipeline's job, which fills a Glance image, or ``snapworker stream``'s,
+which writes a file) and may call only what that class declares::
 
-    job.upload(body, disk_format)    # body: .size, .read(n), .bytes_read
-    job.register_location(url, validation_data)   # clone plans
-    job.source_released()            # the disk is no longer needed
-    job.add_scratch_bytes(n)         # truthful scratch accounting
-    job.add_bytes_read(n)
-    job.track(kind, ref)             # before creating a resource
-    job.handed_over(kind, ref, to, **details)   # someone else owns it now
+    ctx.image_id                     # names resources before they exist
+    ctx.upload(body, disk_format)    # body: .size, .read(n), .bytes_read
+    ctx.register_location(url, validation_data)   # clone plans
+    ctx.source_released()            # the disk is no longer needed
+    ctx.add_scratch_bytes(n)         # truthful scratch accounting
+    ctx.add_bytes_read(n)
+    ctx.track(kind, ref)             # before creating a resource
+    ctx.handed_over(kind, ref, to, **details)   # someone else owns it now
+
+It returns None or a ``PlanResult``: facts only the plan knows, which the
+pipeline copies into the notification payload.
 
 ``track`` and ``handed_over`` journal the resources a plan creates, so
 that a worker killed mid-job removes them when it starts again (see
 journal.py; plans never import it). ``kind`` is one of the resource kinds
 below, ``ref`` names one resource, e.g.::
 
-    job.track(RBD_SNAPSHOT, 'vms/<uuid>_disk@snapworker-<image id>')
-    job.handed_over(RBD_CLONE, 'images/<image id>', to=GLANCE)
-    done = job.handed_over(RBD_SNAPSHOT, ..., to=FLATTENER,
+    ctx.track(RBD_SNAPSHOT, 'vms/<uuid>_disk@snapworker-<image id>')
+    ctx.handed_over(RBD_CLONE, 'images/<image id>', to=GLANCE)
+    done = ctx.handed_over(RBD_SNAPSHOT, ..., to=FLATTENER,
                            clone='images/<image id>')
 
 ``handed_over`` to background work returns the callable that work calls
@@ -85,6 +91,59 @@ class SourceFacts:
         return bool(self.backing_chain)
 
 
+class PlanContext(abc.ABC):
+    """What a plan may ask of whoever runs it (see the module docstring).
+
+    Counters are kept here; a context that reports them elsewhere (the
+    pipeline's payload) overrides the two ``add_`` methods.
+    """
+
+    #: Names what the plan creates (scratch directory, clone) before it
+    #: exists, so that it can be journalled.
+    image_id = None
+
+    def __init__(self):
+        self.bytes_read = 0
+        self.scratch_bytes = 0
+
+    @abc.abstractmethod
+    def upload(self, body, disk_format, store=None):
+        """Consume ``body`` to its end as the image's data."""
+
+    @abc.abstractmethod
+    def register_location(self, url, validation_data=None):
+        """Make data already in a store (an RBD clone) the image's data."""
+
+    @abc.abstractmethod
+    def source_released(self):
+        """The disk is no longer read: a waiting guest may resume."""
+
+    @abc.abstractmethod
+    def track(self, kind, ref):
+        """Journal a resource the plan is about to create."""
+
+    @abc.abstractmethod
+    def handed_over(self, kind, ref, to, **details):
+        """Someone else owns the resource now; returns its ``done``."""
+
+    def add_bytes_read(self, n):
+        self.bytes_read += n
+
+    def add_scratch_bytes(self, n):
+        self.scratch_bytes += n
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    """Facts a plan learnt while running, for the notification payload.
+
+    Each field has the name of the ``SnapshotPayload`` field it fills.
+    """
+
+    #: Clone plans: when the clone stops depending on the instance disk.
+    flatten_policy: str | None = None
+
+
 class Plan(abc.ABC):
     """One way of turning a source into the image's data."""
 
@@ -96,8 +155,11 @@ class Plan(abc.ABC):
         self.reason = reason
 
     @abc.abstractmethod
-    def run(self, job):
-        """Move the data; see the module docstring for the job's API."""
+    def run(self, ctx):
+        """Move the data through ``ctx`` (a ``PlanContext``).
+
+        :returns: None or a ``PlanResult``.
+        """
 
     def cleanup(self):
         """Remove what ``run`` created and did not hand over."""
@@ -112,14 +174,14 @@ class StreamPlan(Plan):
         super().__init__(target_format, reason)
         self._open_body = open_body
 
-    def run(self, job):
+    def run(self, ctx):
         body = self._open_body()
         try:
-            job.upload(body, self.target_format)
+            ctx.upload(body, self.target_format)
         finally:
-            job.add_bytes_read(body.bytes_read)
+            ctx.add_bytes_read(body.bytes_read)
             body.close()
-        job.source_released()
+        ctx.source_released()
 
 
 class Source(abc.ABC):

@@ -73,11 +73,11 @@ class ConvertPlan(base.Plan):
         self._extra_args = tuple(extra_args)
         self._workdir = None
 
-    def run(self, job):
+    def run(self, ctx):
         scratch_dir = self._conf.scratch_dir
         workdir = os.path.join(os.path.abspath(scratch_dir),
-                               SCRATCH_PREFIX + job.image_id)
-        job.track(base.SCRATCH_DIR, workdir)
+                               SCRATCH_PREFIX + ctx.image_id)
+        ctx.track(base.SCRATCH_DIR, workdir)
         os.makedirs(scratch_dir, exist_ok=True)
         # Only a job for the same image can have made it, and the journal
         # lets one such job run at a time: what is there is a leftover.
@@ -89,12 +89,12 @@ class ConvertPlan(base.Plan):
             ['qemu-img', 'convert', '-t', 'none', '-O', self.target_format,
              *self._extra_args, self._pinned.qemu_spec(), copy],
             self._conf, what='qemu-img convert')
-        job.add_bytes_read(read)
-        job.add_scratch_bytes(os.stat(copy).st_blocks * 512)
-        job.source_released()
+        ctx.add_bytes_read(read)
+        ctx.add_scratch_bytes(os.stat(copy).st_blocks * 512)
+        ctx.source_released()
         chunk = self._conf.worker.chunk_size
         with passthrough.FileStream(copy, chunk) as body:
-            job.upload(body, self.target_format)
+            ctx.upload(body, self.target_format)
 
     def cleanup(self):
         if self._workdir:
