@@ -119,6 +119,12 @@ class ImageDataRejected(SnapshotError):
                'to look like a qcow2 header do.')
 
 
+class ImageDataMismatch(SnapshotError):
+    msg_fmt = ('Glance image {image_id} does not hold what the worker sent '
+               '({what}): the data changed between the disk and the '
+               'store, so the image is not published.')
+
+
 class ImageNotActive(SnapshotError):
     msg_fmt = ('Glance image {image_id} ended {status} instead of active '
                'after its data was sent.')

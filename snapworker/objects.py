@@ -34,7 +34,8 @@ class SnapshotPayload(SnapworkerObject):
     # Version 1.1: Added flatten_policy, location_api, image_hashed (RBD
     #              clones)
     # Version 1.2: instance_uuid nullable (a malformed request's);
-    #              image_status is what Glance last reported
+    #              image_status is what Glance last reported;
+    #              data_verified
     VERSION = '1.2'
 
     fields = {
@@ -72,6 +73,11 @@ class SnapshotPayload(SnapworkerObject):
         # data the clone avoids reading), so it is False unless Glance
         # hashed the image itself before the end event.
         'image_hashed': fields.BooleanField(nullable=True),
+        # Whether the active image's checksum (and os_hash_value, when
+        # Glance hashes with [glance] hash_algorithm) equals what the
+        # worker hashed while sending; None when no byte was sent (a
+        # clone) or [worker] verify_upload is off.
+        'data_verified': fields.BooleanField(nullable=True),
         'error_code': fields.StringField(nullable=True),
         'error_message': fields.StringField(nullable=True),
     }

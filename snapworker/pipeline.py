@@ -35,6 +35,7 @@ from snapworker import exception
 from snapworker import sources
 from snapworker.sources import base as sources_base
 from snapworker.streams import body as streams_body
+from snapworker.streams import digest as streams_digest
 
 LOG = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class SnapshotJob(sources_base.PlanContext):
         self._owns_image = False
         #: Glance did not answer the claim: settled by the reaper.
         self._claim_pending = False
+        #: (algorithm, md5, hash) of the bytes uploaded, once sent.
+        self._sent_digest = None
 
     def describe(self):
         """What ``get_status`` reports about this job."""
@@ -107,10 +110,15 @@ class SnapshotJob(sources_base.PlanContext):
             self.payload.bytes_uploaded = bytes_out
             self._emitter.progress()
 
-        counting = streams_body.CountingBody(body, on_progress)
+        digest = (streams_digest.BackgroundDigest(
+            self._conf.glance.hash_algorithm)
+            if self._conf.worker.verify_upload else None)
+        counting = streams_body.CountingBody(body, on_progress, digest)
         try:
             self._images.upload(self.image_id, counting, body.size,
                                 disk_format, store=store)
+            if digest is not None:
+                self._sent_digest = (digest.algorithm, *digest.finish())
         except exception.SnapshotError as e:
             if counting.read_error is None:
                 raise
@@ -119,6 +127,9 @@ class SnapshotJob(sources_base.PlanContext):
             raise exception.SourceReadError(
                 path=self._location,
                 reason=str(counting.read_error)) from e
+        finally:
+            if digest is not None:
+                digest.close()
         self.payload.bytes_uploaded = counting.bytes_out
 
     def register_location(self, url, validation_data=None):
@@ -235,9 +246,35 @@ class SnapshotJob(sources_base.PlanContext):
         image = self._images.wait_active(
             self.image_id, self._conf.worker.active_timeout)
         self.payload.image_status = image['status']
+        self._verify(image)
         self.payload.image_hashed = bool(image.get('os_hash_value')
                                          or image.get('checksum'))
         return plan
+
+    def _verify(self, image):
+        """What Glance stored hashes to what was sent, or the job fails.
+
+        ``checksum`` (md5) always; ``os_hash_value`` when Glance used the
+        algorithm the worker hashed with (``[glance] hash_algorithm``).
+        """
+        if self._sent_digest is None:
+            return
+        algorithm, md5, value = self._sent_digest
+        mismatched = []
+        if image.get('checksum') != md5:
+            mismatched.append(f"checksum {image.get('checksum')} != {md5}")
+        if image.get('os_hash_algo') == algorithm:
+            if image.get('os_hash_value') != value:
+                mismatched.append(f'{algorithm} differs')
+        else:
+            LOG.warning('Glance hashed image %s with %s, the worker with %s '
+                        '([glance] hash_algorithm): only the md5 checksum '
+                        'is compared', self.image_id,
+                        image.get('os_hash_algo'), algorithm)
+        if mismatched:
+            raise exception.ImageDataMismatch(image_id=self.image_id,
+                                              what='; '.join(mismatched))
+        self.payload.data_verified = True
 
     def _release_quietly(self):
         """Undo the plan, close the source; each step on its own.

@@ -27,6 +27,13 @@ opts = [
                               'that trusts them (development and tests).'),
                ],
                help='How requests to Glance are authenticated.'),
+    cfg.StrOpt('hash_algorithm',
+               default='sha512',
+               help='The hashlib algorithm Glance computes ``os_hash_value`` '
+                    'with (Glance\'s ``[DEFAULT] hashing_algorithm``). The '
+                    'worker hashes what it uploads with it and with md5, '
+                    'and fails a snapshot whose image does not match '
+                    '(``[worker] verify_upload``).'),
     cfg.IntOpt('num_retries',
                default=3,
                min=0,

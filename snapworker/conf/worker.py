@@ -71,6 +71,13 @@ opts = [
                     'tmpfs) and be private to this worker: records hold '
                     'the requesting user\'s token, and the worker makes '
                     'the directory mode 0700.'),
+    cfg.BoolOpt('verify_upload',
+                default=True,
+                help='Hash every byte uploaded (md5 and [glance] '
+                     'hash_algorithm, on a thread of its own) and fail the '
+                     'snapshot when the active image\'s checksum or '
+                     'os_hash_value differ: the image is then deleted. '
+                     'Costs about as much CPU as Glance\'s own hashing.'),
     cfg.IntOpt('max_request_age',
                default=120,
                min=0,

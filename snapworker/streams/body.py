@@ -129,9 +129,14 @@ class CountingBody:
     """
 
     def __init__(self, stream,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None,
+                 digest=None):
+        """:param digest: a ``digest.BackgroundDigest`` given every byte
+            the HTTP layer takes, or None.
+        """
         self.stream = stream
         self.on_progress = on_progress
+        self.digest = digest
         self.bytes_out = 0
         #: What the source raised, if reading it failed. The HTTP stack
         #: wraps it in a connection error; the caller reports this instead.
@@ -150,6 +155,8 @@ class CountingBody:
             raise
         if data:
             self.bytes_out += len(data)
+            if self.digest is not None:
+                self.digest.update(data)
             if self.on_progress is not None:
                 self.on_progress(self.bytes_out)
         return data

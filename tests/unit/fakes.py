@@ -4,6 +4,7 @@ Unit tests run the real manager, pipeline, sources and streams against
 these; functional tests replace them with libvirt and Glance themselves.
 """
 
+import hashlib
 import threading
 
 from snapworker import exception
@@ -90,8 +91,13 @@ class FakeImageService:
         with self.lock:
             self.uploads.append(image_id)
         image = self.images[image_id]
+        data = b''.join(chunks)
+        # What Glance computes over what it received.
         image.update(status='active', disk_format=disk_format,
-                     size=size, data=b''.join(chunks))
+                     size=size, data=data,
+                     checksum=hashlib.md5(data).hexdigest(),
+                     os_hash_algo='sha512',
+                     os_hash_value=hashlib.sha512(data).hexdigest())
 
     def wait_active(self, image_id, timeout):
         return self.get(image_id)

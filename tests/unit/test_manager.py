@@ -5,6 +5,7 @@ oslo.messaging's in-process transport, and the notifications are received
 by a real notification listener on the same transport.
 """
 
+import hashlib
 import os
 import queue
 import subprocess
@@ -284,3 +285,30 @@ class ManagerTestCase(testtools.TestCase):
         self.assertRaises(queue.Empty, self.collector.events.get,
                           timeout=0.3)
         self.assertEqual([], self.images.deleted)
+
+    # -- what Glance stored must hash to what the worker sent ---------------
+
+    def test_image_that_does_not_hold_what_was_sent_is_deleted(self):
+        real_upload = self.images.upload
+
+        def corrupting_upload(image_id, body, size, disk_format, store=None):
+            real_upload(image_id, body, size, disk_format, store)
+            # Glance's store holds a flipped byte: so do its hashes.
+            data = bytearray(self.images.images[image_id]['data'])
+            data[0] ^= 1
+            self.images.images[image_id].update(
+                checksum=hashlib.md5(data).hexdigest(),
+                os_hash_value=hashlib.sha512(data).hexdigest())
+
+        self.images.upload = corrupting_upload
+        _, image = self._request(self._disk())
+        events = self._events_until_final()
+        self.assertEqual(('snapshot.create.error', 'ImageDataMismatch'),
+                         (events[-1][0], events[-1][1]['error_code']))
+        self.assertEqual([image], self.images.deleted)
+
+    def test_verified_image_says_so(self):
+        self._request(self._disk())
+        events = self._events_until_final()
+        self.assertEqual(notifications.END, events[-1][0])
+        self.assertTrue(events[-1][1]['data_verified'])
