@@ -11,6 +11,7 @@ exact ``size`` is exposed for the caller to pass as ``image_size``.
 """
 
 import abc
+import itertools
 from collections.abc import Callable
 from collections.abc import Iterator
 
@@ -95,14 +96,34 @@ class PieceStream(abc.ABC):
             length -= step
 
     def _extent_pieces(self, extents) -> Iterator[bytes]:
-        """Yield the content of ``extents``: zeros, or chunked preads."""
+        """Yield the content of ``extents``: zeros, or chunked reads.
+
+        The reads are planned ahead and handed to the view as one ordered
+        sequence (``pread_many``), so a view that can keep several
+        requests in flight (NBD) reads ahead while earlier chunks are
+        sent; zeros are interleaved as the plan says.
+        """
+        pieces, ahead = itertools.tee(self._chunked(extents))
+        data = self.view.pread_many(
+            (offset, length) for offset, length, is_data in ahead
+            if is_data)
+        try:
+            for _offset, length, is_data in pieces:
+                if is_data:
+                    yield next(data)
+                else:
+                    yield from self._zero_pieces(length)
+        finally:
+            data.close()
+
+    def _chunked(self, extents):
+        """(offset, length, is_data): data in chunks, zeros whole."""
         for ext in extents:
             if not ext.data:
-                yield from self._zero_pieces(ext.length)
+                yield ext.start, ext.length, False
                 continue
             for offset in range(ext.start, ext.end, self.chunk_size):
-                yield self.view.pread(offset,
-                                      min(self.chunk_size, ext.end - offset))
+                yield offset, min(self.chunk_size, ext.end - offset), True
 
     def close(self) -> None:
         """Stop the generator and close the view; idempotent."""

@@ -91,6 +91,17 @@ class DiskView(abc.ABC):
     def pread(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` guest bytes starting at ``offset``."""
 
+    def pread_many(self, requests: Iterable[tuple[int, int]]
+                   ) -> Iterator[bytes]:
+        """Yield ``pread(offset, length)`` for each request, in order.
+
+        ``requests`` is consumed lazily, ahead of what is yielded: a view
+        that can overlap reads (NBD) keeps several in flight. This one
+        reads one at a time.
+        """
+        for offset, length in requests:
+            yield self.pread(offset, length)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the source; safe to call more than once."""

@@ -12,6 +12,7 @@ SIGKILL), the kernel closes the socket; qemu-nbd runs without
 ``--persistent``, so it exits when its only client goes away.
 """
 
+import collections
 import functools
 import os
 import time
@@ -37,6 +38,9 @@ BLOCK_STATUS_SPAN = 1 * GiB
 ALLOCATION = 'base:allocation'
 #: Seconds one NBD exchange may take by default (see NbdChainView).
 DEFAULT_TIMEOUT = 120.0
+#: Reads kept in flight by default (nbdcopy keeps 64 over 4
+#: connections; benchmarks/beyond_ingest.py measures the curve).
+DEFAULT_IN_FLIGHT = 8
 
 
 def qemu_nbd_argv(filename, fmt=None):
@@ -63,6 +67,7 @@ class NbdChainView(DiskView):
         wrapped in resource limits); libnbd starts it with socket
         activation.
     :param request_size: the largest single NBD read.
+    :param max_in_flight: reads ``pread_many`` keeps outstanding.
     :param timeout: seconds any one NBD exchange (connecting, a block
         status or a read) may take; then qemu-nbd is killed and
         ``TimeoutError`` raised, so a stuck export cannot hold a job (and
@@ -73,10 +78,12 @@ class NbdChainView(DiskView):
     """
 
     def __init__(self, command, request_size: int = DEFAULT_REQUEST_SIZE,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT,
+                 max_in_flight: int = DEFAULT_IN_FLIGHT):
         super().__init__()
         self.command = list(command)
         self.request_size = request_size
+        self.max_in_flight = max_in_flight
         self.timeout = timeout
         self._handle = None
         handle = nbd.NBD()
@@ -151,6 +158,53 @@ class NbdChainView(DiskView):
             parts.append(buf.to_bytearray())
         data = parts[0] if len(parts) == 1 else b''.join(parts)
         return self._count(bytes(data), offset, length)
+
+    def pread_many(self, requests):
+        """Reads with up to ``max_in_flight`` NBD requests outstanding.
+
+        qemu-nbd answers requests concurrently (out of order; libnbd
+        matches replies to cookies), so while the caller sends one chunk
+        the next ones are already being read. Memory is bounded by
+        ``max_in_flight`` requests of at most ``request_size`` bytes.
+        """
+        window = collections.deque()
+        requests = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(window) < self.max_in_flight:
+                    try:
+                        offset, length = next(requests)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    window.append(self._issue(offset, length))
+                if not window:
+                    return
+                offset, length, parts = window.popleft()
+                chunks = []
+                for buf, cookie in parts:
+                    self._complete('read', cookie)
+                    chunks.append(buf.to_bytearray())
+                data = chunks[0] if len(chunks) == 1 else b''.join(chunks)
+                yield self._count(bytes(data), offset, length)
+        finally:
+            # Outstanding replies are drained before the handle is reused
+            # (or dropped by close()).
+            for _offset, _length, parts in window:
+                for _buf, cookie in parts:
+                    try:
+                        self._complete('read', cookie)
+                    except (nbd.Error, TimeoutError):
+                        break
+
+    def _issue(self, offset, length):
+        parts = []
+        for pos in range(offset, offset + length, self.request_size):
+            size = min(self.request_size, offset + length - pos)
+            buf = nbd.Buffer(size)
+            parts.append((buf, self._handle.aio_pread(buf, pos)))
+        return offset, length, parts
 
     def _complete(self, what, cookie):
         """Wait for one command; ``nbd.Error`` if the server failed it."""

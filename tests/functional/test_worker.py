@@ -31,6 +31,8 @@ class SnapshotToGlanceTest(base.FunctionalTestCase):
         image = self.glance.images.get(image_id)
         self.assertEqual(end['target_format'], image['disk_format'])
         self.assertEqual(0, end['scratch_bytes'])
+        # What Glance stored hashes to what the worker sent.
+        self.assertTrue(end['data_verified'])
         self.assertNoScratchLeft()
         return end
 
