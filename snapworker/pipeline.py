@@ -32,6 +32,7 @@ import time
 from oslo_log import log as logging
 
 from snapworker import exception
+from snapworker import hostio
 from snapworker import sources
 from snapworker.sources import base as sources_base
 from snapworker.streams import body as streams_body
@@ -113,7 +114,9 @@ class SnapshotJob(sources_base.PlanContext):
         digest = (streams_digest.BackgroundDigest(
             self._conf.glance.hash_algorithm)
             if self._conf.worker.verify_upload else None)
-        counting = streams_body.CountingBody(body, on_progress, digest)
+        counting = streams_body.CountingBody(
+            body, on_progress, digest, throttle=hostio.Throttle(
+                self._conf.worker.max_read_bytes_per_second))
         try:
             self._images.upload(self.image_id, counting, body.size,
                                 disk_format, store=store)
@@ -185,6 +188,7 @@ class SnapshotJob(sources_base.PlanContext):
         qemu-nbd) is released before that final event, so whoever reacts
         to it finds nothing left behind.
         """
+        hostio.set_thread_io_priority(self._conf.worker.io_priority)
         try:
             plan = self._steps()
         except Exception as e:

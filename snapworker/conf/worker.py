@@ -71,6 +71,30 @@ opts = [
                     'tmpfs) and be private to this worker: records hold '
                     'the requesting user\'s token, and the worker makes '
                     'the directory mode 0700.'),
+    cfg.StrOpt('read_cache',
+               default='bypass',
+               choices=[
+                   ('bypass', 'Leave the page cache as it was: the worker '
+                              'drops what it read, QEMU helpers read with '
+                              'O_DIRECT (where the filesystem allows).'),
+                   ('keep', 'Read through the page cache.'),
+               ],
+               help='Whether snapshot reads may fill the host\'s page '
+                    'cache, which belongs to the running guests.'),
+    cfg.StrOpt('io_priority',
+               default='best-effort:7',
+               regex=r'^(normal|idle|best-effort:[0-7])$',
+               help='I/O priority of snapshot reads (``ionice`` classes): '
+                    '``normal`` leaves it as it is, ``idle`` reads only '
+                    'when no one else does, ``best-effort:N`` (0 high to 7 '
+                    'low) shares. Set on the job\'s thread and inherited '
+                    'by the qemu-img and qemu-nbd it starts.'),
+    cfg.IntOpt('max_read_bytes_per_second',
+               default=0,
+               min=0,
+               help='Cap on the bytes per second one snapshot reads from '
+                    'its disk (streams, and qemu-img convert\'s -r); 0 '
+                    'means no cap.'),
     cfg.BoolOpt('verify_upload',
                 default=True,
                 help='Hash every byte uploaded (md5 and [glance] '

@@ -34,14 +34,16 @@ class BlockSource(chain.PinnedSource):
     def plan(self, target_format, store=None, release_first=False):
         pinned = self.pinned
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
-            return convert.compressed_plan(pinned, self._conf)
+            return convert.compressed_plan(self, self._conf)
         if release_first:
-            return convert.release_first_plan(target_format, pinned,
+            return convert.release_first_plan(target_format, self,
                                               self._conf)
         device = pinned.top.proc_path
         chunk = self._conf.worker.chunk_size
+        drop = self.bypass_cache
         return base.StreamPlan(
             target_format,
             f'block device to {target_format}: read once, in full',
-            lambda: streams.open_stream(extents.BlockDeviceView(device),
-                                        target_format, chunk))
+            lambda: streams.open_stream(
+                extents.BlockDeviceView(device, drop_cache=drop),
+                target_format, chunk))

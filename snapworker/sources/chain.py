@@ -38,6 +38,7 @@ import stat
 import struct
 
 from snapworker import exception
+from snapworker import hostio
 from snapworker.sources import base
 from snapworker.sources import qcow2_header
 
@@ -125,18 +126,27 @@ class PinnedChain:
         return len(self.layers) == 1 and (
             header is None or (not header.snapshots and not header.dirty))
 
-    def qemu_spec(self):
+    def supports_direct_io(self):
+        return all(hostio.supports_direct_io(layer.proc_path)
+                   for layer in self.layers)
+
+    def qemu_spec(self, direct=False):
         """The chain as a ``json:`` filename for qemu-img and qemu-nbd.
 
         Every node is given: driver (the checked format), the pinned file,
         and for qcow2 its ``backing`` (the next node, or null at the
         bottom), so QEMU opens nothing the worker did not check.
+
+        :param direct: read with ``O_DIRECT`` (``cache.direct`` on every
+            node), leaving the host's page cache as it was.
         """
         node = None
         for layer in reversed(self.layers):
             upper = {'driver': layer.format,
                      'file': {'driver': 'host_device' if layer.block
                               else 'file', 'filename': layer.proc_path}}
+            if direct:
+                upper['cache'] = upper['file']['cache'] = {'direct': True}
             if layer.format == 'qcow2':
                 upper['backing'] = node
             node = upper
@@ -369,6 +379,7 @@ class PinnedSource(base.Source):
         self._conf = conf
         self.pinned = None
         self.facts = None
+        self._bypass = None
 
     def _open(self):
         """Check and pin the source; return a ``PinnedChain``."""
@@ -385,6 +396,15 @@ class PinnedSource(base.Source):
     def verify_unchanged(self):
         if self.pinned is not None:
             self.pinned.verify_unchanged()
+
+    @property
+    def bypass_cache(self):
+        """Whether reads leave the page cache alone (``[worker]
+        read_cache``, where the filesystem allows ``O_DIRECT``)."""
+        if self._bypass is None:
+            self._bypass = (self._conf.worker.read_cache == 'bypass'
+                            and self.pinned.supports_direct_io())
+        return self._bypass
 
     def close(self):
         if self.pinned is not None:

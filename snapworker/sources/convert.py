@@ -37,21 +37,21 @@ def remove_scratch_dir(conf, path):
         pass
 
 
-def release_first_plan(target_format, pinned, conf):
+def release_first_plan(target_format, source, conf):
     """The convert plan, for a guest that waits for its disk."""
     return ConvertPlan(
         target_format,
         'guest suspended for the snapshot: local copy first, so it '
         'resumes after one disk read rather than after the upload',
-        pinned, conf)
+        source, conf)
 
 
-def compressed_plan(pinned, conf):
+def compressed_plan(source, conf):
     return ConvertPlan(
         'qcow2',
         'compressed qcow2 requested: a single-pass stream cannot '
         'compress, converted through scratch space',
-        pinned, conf, extra_args=('-c',))
+        source, conf, extra_args=('-c',))
 
 
 class ConvertPlan(base.Plan):
@@ -66,9 +66,10 @@ class ConvertPlan(base.Plan):
 
     strategy = 'convert'
 
-    def __init__(self, target_format, reason, pinned, conf, extra_args=()):
+    def __init__(self, target_format, reason, source, conf, extra_args=()):
+        """:param source: a ``chain.PinnedSource``, inspected."""
         super().__init__(target_format, reason)
-        self._pinned = pinned
+        self._source = source
         self._conf = conf
         self._extra_args = tuple(extra_args)
         self._workdir = None
@@ -85,9 +86,13 @@ class ConvertPlan(base.Plan):
         os.mkdir(workdir, 0o700)
         self._workdir = workdir
         copy = os.path.join(workdir, f'image.{self.target_format}')
+        rate = self._conf.worker.max_read_bytes_per_second
+        spec = self._source.pinned.qemu_spec(
+            direct=self._source.bypass_cache)
         read = utils.run_counting_reads(
             ['qemu-img', 'convert', '-t', 'none', '-O', self.target_format,
-             *self._extra_args, self._pinned.qemu_spec(), copy],
+             *(('-r', str(rate)) if rate else ()), *self._extra_args, spec,
+             copy],
             self._conf, what='qemu-img convert')
         ctx.add_bytes_read(read)
         ctx.add_scratch_bytes(os.stat(copy).st_blocks * 512)

@@ -58,25 +58,27 @@ class FileSource(chain.PinnedSource):
         pinned = self.pinned
         chunk = self._conf.worker.chunk_size
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
-            return convert.compressed_plan(pinned, self._conf)
+            return convert.compressed_plan(self, self._conf)
         if release_first:
-            return convert.release_first_plan(target_format, pinned,
+            return convert.release_first_plan(target_format, self,
                                               self._conf)
         top = pinned.top.proc_path
+        drop = self.bypass_cache
         if pinned.format == 'qcow2' and pinned.self_contained and (
                 target_format == 'qcow2'):
             return base.StreamPlan(
                 target_format,
                 'qcow2 without backing file: the disk file itself is the '
                 'image',
-                lambda: passthrough.FileStream(top, chunk))
+                lambda: passthrough.FileStream(top, chunk, drop_cache=drop))
         if pinned.format == 'raw':
             return base.StreamPlan(
                 target_format,
                 f'raw file to {target_format}: streamed from its data map, '
                 f'holes not read',
                 lambda: streams.open_stream(
-                    extents.RawFileView(top), target_format, chunk))
+                    extents.RawFileView(top, drop_cache=drop),
+                    target_format, chunk))
         return base.StreamPlan(
             target_format,
             f'qcow2 with {len(pinned.backing_paths)} backing file(s) to '
@@ -87,6 +89,7 @@ class FileSource(chain.PinnedSource):
 
     def _nbd_view(self):
         conf = self._conf
+        spec = self.pinned.qemu_spec(direct=self.bypass_cache)
         return nbd.NbdChainView(
-            utils.confined(nbd.qemu_nbd_argv(self.pinned.qemu_spec()), conf),
+            utils.confined(nbd.qemu_nbd_argv(spec), conf),
             timeout=conf.worker.helper_stall_timeout)

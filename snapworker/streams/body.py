@@ -151,13 +151,17 @@ class CountingBody:
 
     def __init__(self, stream,
                  on_progress: Callable[[int], None] | None = None,
-                 digest=None):
+                 digest=None, throttle=None):
         """:param digest: a ``digest.BackgroundDigest`` given every byte
             the HTTP layer takes, or None.
+        :param throttle: called with the bytes each read took from the
+            source (``hostio.Throttle``), or None.
         """
         self.stream = stream
         self.on_progress = on_progress
         self.digest = digest
+        self.throttle = throttle
+        self._source_bytes = 0
         self.bytes_out = 0
         #: What the source raised, if reading it failed. The HTTP stack
         #: wraps it in a connection error; the caller reports this instead.
@@ -174,6 +178,10 @@ class CountingBody:
         except Exception as e:
             self.read_error = e
             raise
+        if self.throttle is not None:
+            read = self.stream.bytes_read
+            self.throttle(read - self._source_bytes)
+            self._source_bytes = read
         if data:
             self.bytes_out += len(data)
             if self.digest is not None:

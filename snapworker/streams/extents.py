@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from snapworker import hostio
+
 # <linux/fs.h>: _IOR(0x12, 114, size_t), the device size in bytes.
 BLKGETSIZE64 = 0x80081272
 
@@ -134,8 +136,12 @@ class RawFileView(DiskView):
     change while it is read (the worker checks that the domain is off).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, drop_cache: bool = False):
+        """:param drop_cache: drop each range from the page cache once it
+            is read (``hostio``): for disks nobody else reads.
+        """
         super().__init__()
+        self._drop_cache = drop_cache
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._size = self._find_size()
@@ -186,11 +192,17 @@ class RawFileView(DiskView):
             raise
 
     def pread(self, offset: int, length: int) -> bytes:
-        return self._count(os.pread(self._fd, length, offset), offset,
+        data = self._count(os.pread(self._fd, length, offset), offset,
                            length)
+        if self._drop_cache:
+            hostio.drop_cache(self._fd, offset, length)
+        return data
 
     def close(self) -> None:
         if self._fd is not None:
+            if self._drop_cache:
+                # Readahead brings in pages past each read (holes too).
+                hostio.drop_cache(self._fd, 0, 0)
             os.close(self._fd)
             self._fd = None
 

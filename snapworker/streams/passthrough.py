@@ -2,6 +2,8 @@
 
 import os
 
+from snapworker import hostio
+
 
 class FileStream:
     """Streams a file's bytes unchanged, one bounded chunk per read.
@@ -11,7 +13,9 @@ class FileStream:
     convert plan.
     """
 
-    def __init__(self, path, chunk_size=4 * 1024 * 1024):
+    def __init__(self, path, chunk_size=4 * 1024 * 1024, drop_cache=False):
+        """:param drop_cache: drop what is read from the page cache."""
+        self._drop_cache = drop_cache
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
         self._chunk_size = chunk_size
@@ -22,11 +26,15 @@ class FileStream:
         if n is None or n < 0 or n > self._chunk_size:
             n = self._chunk_size
         data = os.read(self._fd, n)
+        if self._drop_cache and data:
+            hostio.drop_cache(self._fd, self.bytes_read, len(data))
         self.bytes_read += len(data)
         return data
 
     def close(self):
         if self._fd is not None:
+            if self._drop_cache:
+                hostio.drop_cache(self._fd, 0, 0)
             os.close(self._fd)
             self._fd = None
 
