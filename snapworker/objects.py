@@ -35,7 +35,7 @@ class SnapshotPayload(SnapworkerObject):
     #              clones)
     # Version 1.2: instance_uuid nullable (a malformed request's);
     #              image_status is what Glance last reported;
-    #              data_verified
+    #              data_verified, shared_bytes
     VERSION = '1.2'
 
     fields = {
@@ -59,6 +59,9 @@ class SnapshotPayload(SnapworkerObject):
         # Total size of the upload when known in advance (streams know it).
         'bytes_total': fields.IntegerField(nullable=True),
         'scratch_bytes': fields.IntegerField(default=0),
+        # Bytes of a reflink copy shared with the disk (no space used
+        # until the resumed guest rewrites them); None without a copy.
+        'shared_bytes': fields.IntegerField(nullable=True),
         'source_held_seconds': fields.FloatField(nullable=True),
         'duration_seconds': fields.FloatField(nullable=True),
         'image_status': fields.StringField(nullable=True),

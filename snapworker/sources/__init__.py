@@ -7,6 +7,7 @@ from snapworker.sources import base
 from snapworker.sources import block as block_source
 from snapworker.sources import convert
 from snapworker.sources import file as file_source
+from snapworker.sources import reflink
 
 
 def open_source(root_disk, conf):
@@ -43,6 +44,8 @@ def remove_leftover(conf, kind, ref):
     """
     if kind == base.SCRATCH_DIR:
         convert.remove_scratch_dir(conf, ref)
+    elif kind == base.REFLINK_DIR:
+        reflink.remove_leftover(conf, ref)
     elif kind in (base.RBD_SNAPSHOT, base.RBD_CLONE):
         _rbd().remove_leftover(conf, kind, ref)
     else:

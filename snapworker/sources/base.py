@@ -70,6 +70,8 @@ RBD_SNAPSHOT = 'rbd_snapshot'
 RBD_CLONE = 'rbd_clone'
 #: The job's Glance image (ref: its id), when its deletion is pending.
 GLANCE_IMAGE = 'glance_image'
+#: A reflink copy's directory under ``<instances_path>/.snapworker``.
+REFLINK_DIR = 'reflink_dir'
 #: Who a resource can be handed over to (``job.handed_over(to=...)``):
 #: Glance, as the image's data; the background RBD flattener; the image
 #: reaper (reaper.py), which deletes an image Glance did not delete.
@@ -142,6 +144,9 @@ class PlanResult:
 
     #: Clone plans: when the clone stops depending on the instance disk.
     flatten_policy: str | None = None
+    #: Reflink copies: bytes the copy shares with the disk (no new space
+    #: until the resumed guest rewrites them).
+    shared_bytes: int | None = None
 
 
 class Plan(abc.ABC):

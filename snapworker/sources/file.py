@@ -12,6 +12,7 @@ from snapworker import utils
 from snapworker.sources import base
 from snapworker.sources import chain
 from snapworker.sources import convert
+from snapworker.sources import reflink
 from snapworker.streams import extents
 from snapworker.streams import nbd
 from snapworker.streams import passthrough
@@ -39,8 +40,9 @@ class FileSource(chain.PinnedSource):
         """Pick the plan; only compressed qcow2 output needs scratch space.
 
         A guest suspended for the snapshot (``release_first``) resumes
-        sooner after a local copy than after a whole upload, so it gets
-        the convert plan: Nova's way, chosen for that reason.
+        sooner after a local copy than after a whole upload: an instant
+        reflink copy where the instances path allows it (``reflink.py``),
+        else the convert plan, Nova's way, chosen for that reason.
 
         ============================  =======  ============================
         source                        target   body
@@ -55,13 +57,18 @@ class FileSource(chain.PinnedSource):
         anything, compression asked   qcow2    convert (scratch copy)
         ============================  =======  ============================
         """
-        pinned = self.pinned
-        chunk = self._conf.worker.chunk_size
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
             return convert.compressed_plan(self, self._conf)
         if release_first:
+            if reflink.supported(self._conf):
+                return reflink.ReflinkPlan(target_format, self, self._conf)
             return convert.release_first_plan(target_format, self,
                                               self._conf)
+        return self.stream_plan(self.pinned, target_format)
+
+    def stream_plan(self, pinned, target_format):
+        """The stream plan for ``pinned`` (this disk's chain, or a copy)."""
+        chunk = self._conf.worker.chunk_size
         top = pinned.top.proc_path
         drop = self.bypass_cache
         if pinned.format == 'qcow2' and pinned.self_contained and (
@@ -84,12 +91,12 @@ class FileSource(chain.PinnedSource):
             f'qcow2 with {len(pinned.backing_paths)} backing file(s) to '
             f'{target_format}: active layer flattened through a read-only '
             f'qemu-nbd export',
-            lambda: streams.open_stream(self._nbd_view(), target_format,
-                                        chunk))
+            lambda: streams.open_stream(self._nbd_view(pinned),
+                                        target_format, chunk))
 
-    def _nbd_view(self):
+    def _nbd_view(self, pinned):
         conf = self._conf
-        spec = self.pinned.qemu_spec(direct=self.bypass_cache)
+        spec = pinned.qemu_spec(direct=self.bypass_cache)
         return nbd.NbdChainView(
             utils.confined(nbd.qemu_nbd_argv(spec), conf),
             timeout=conf.worker.helper_stall_timeout)

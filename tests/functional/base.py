@@ -116,6 +116,8 @@ class FunctionalTestCase(testtools.TestCase):
         cls.services = shared_services()
         cls.workdir = tempfile.mkdtemp(prefix='snapworker-test-')
         cls.instances_path = os.path.join(cls.workdir, 'instances')
+        os.makedirs(cls.instances_path)
+        cls.prepare_instances_path(cls.instances_path)
         os.makedirs(os.path.join(cls.instances_path, '_base'))
         cls.worker = WorkerProcess(cls.services, cls.workdir,
                                    cls.instances_path, **cls.worker_conf)
@@ -130,9 +132,18 @@ class FunctionalTestCase(testtools.TestCase):
         cls.libvirt = libvirt.open(cls.services['libvirt_uri'])
 
     @classmethod
+    def prepare_instances_path(cls, path):
+        """Hook: make ``path`` (empty) what the class's disks live on."""
+
+    @classmethod
+    def release_instances_path(cls, path):
+        """Hook: undo ``prepare_instances_path``."""
+
+    @classmethod
     def tearDownClass(cls):
         cls.worker.cleanUp()
         cls.libvirt.close()
+        cls.release_instances_path(cls.instances_path)
         shutil.rmtree(cls.workdir, ignore_errors=True)
         super().tearDownClass()
 

@@ -1,0 +1,130 @@
+"""Releasing a suspended guest at once on a reflink filesystem.
+
+A guest Nova suspended for the snapshot waits until the worker no longer
+needs its disk. Where ``instances_path`` is on a filesystem that shares
+extents between files (XFS with ``reflink=1``, Btrfs), a ``FICLONE`` copy
+of the top of the chain is a point-in-time copy made in milliseconds,
+whatever the disk's size: the guest is released right after it, and the
+stream reads the copy (its backing files, Nova's ``_base``, never change).
+No data is copied: the copy shares every block with the disk until the
+resumed guest writes, and only the blocks it rewrites cost space. The
+payload reports those shared bytes (``shared_bytes``) apart from
+``scratch_bytes`` (0).
+
+The copy lives on the disk's own filesystem (a clone cannot cross
+filesystems), in ``<instances_path>/.snapworker/reflink-<image id>/``:
+journalled before it is made, removed by ``cleanup`` or, after a crash,
+by ``remove_leftover``.
+"""
+
+import fcntl
+import os
+import shutil
+import tempfile
+
+from oslo_log import log as logging
+
+from snapworker import exception
+from snapworker.sources import base
+from snapworker.sources import chain
+
+LOG = logging.getLogger(__name__)
+
+# <linux/fs.h>: _IOW(0x94, 9, int)
+FICLONE = 0x40049409
+DIR_NAME = '.snapworker'
+PREFIX = 'reflink-'
+
+
+def _parent(conf):
+    return os.path.join(os.path.realpath(conf.instances_path), DIR_NAME)
+
+
+#: Probe results by instances path: a filesystem does not change kind.
+_SUPPORTED = {}
+
+
+def supported(conf):
+    """Whether files in ``instances_path`` can be cloned (probed once)."""
+    parent = _parent(conf)
+    if parent not in _SUPPORTED:
+        _SUPPORTED[parent] = _probe(parent)
+    return _SUPPORTED[parent]
+
+
+def _probe(parent):
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent) as src, \
+                tempfile.TemporaryFile(dir=parent) as dst:
+            src.write(b'\0' * 4096)
+            src.flush()
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+    except OSError as e:
+        LOG.debug('No reflink copies in %s: %s', parent, e)
+        return False
+    return True
+
+
+def remove_leftover(conf, path):
+    """Remove a copy's directory a crashed worker left (gone is fine)."""
+    real = os.path.realpath(path)
+    if (os.path.dirname(real) != _parent(conf)
+            or not os.path.basename(real).startswith(PREFIX)):
+        raise ValueError(f'{path} is not a reflink directory of '
+                         f'{conf.instances_path}')
+    shutil.rmtree(real, ignore_errors=True)
+
+
+class ReflinkPlan(base.Plan):
+    """Clone the top file, release the guest, stream the clone's chain."""
+
+    strategy = 'stream'
+
+    def __init__(self, target_format, source, conf):
+        """:param source: the inspected ``file.FileSource``."""
+        super().__init__(
+            target_format,
+            'guest suspended for the snapshot: released after an instant '
+            'reflink copy of its disk, which is then streamed')
+        self._source = source
+        self._conf = conf
+        self._workdir = None
+        self._copy = None
+
+    def run(self, ctx):
+        pinned = self._source.pinned
+        workdir = os.path.join(_parent(self._conf), PREFIX + ctx.image_id)
+        ctx.track(base.REFLINK_DIR, workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.mkdir(workdir, 0o700)
+        self._workdir = workdir
+        path = os.path.join(workdir, 'disk')
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.ioctl(fd, FICLONE, pinned.top.fd)
+            shared = os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+        self._copy = copy = chain.open_file_chain(
+            path, pinned.format, self._conf.instances_path)
+        # The copy must be the same chain: the same backing files, pinned.
+        if [layer.identity for layer in copy.layers[1:]] != [
+                layer.identity for layer in pinned.layers[1:]]:
+            raise exception.SourceChanged(
+                what=f'the reflink copy of {pinned.top.path} does not name '
+                     f'the same backing files')
+        # A point-in-time copy exists: the guest may run again.
+        ctx.source_released()
+        self._source.stream_plan(copy, self.target_format).run(ctx)
+        copy.verify_unchanged()
+        return base.PlanResult(shared_bytes=shared)
+
+    def cleanup(self):
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
