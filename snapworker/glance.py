@@ -257,6 +257,17 @@ class ImageService:
             return False
         return True
 
+    def image_stores(self, image_id):
+        """The stores that hold an image's data (Glance's ``stores``).
+
+        Empty when the image is not visible, or Glance has one store.
+        """
+        try:
+            stores = self.get(image_id).get('stores') or ''
+        except exception.ImageNotFound:
+            return []
+        return [store for store in stores.split(',') if store]
+
     def status(self, image_id):
         """The image's status; ``deleted`` when Glance has no such image.
 

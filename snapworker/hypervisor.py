@@ -64,6 +64,10 @@ class Domain:
     #: domain XML (``<nova:owner><nova:project uuid=...>``); None when the
     #: domain has none (not a domain Nova made).
     owner_project: str | None = None
+    #: The Glance image the instance was built from, from Nova's metadata
+    #: (``<nova:root type='image' uuid=...>``); None when not from an
+    #: image or not said.
+    base_image_id: str | None = None
 
     @property
     def shut_off(self):
@@ -96,6 +100,15 @@ def parse_owner_project(tree):
     if project is None:
         return None
     return project.get('uuid') or None
+
+
+def parse_base_image(tree):
+    """The image UUID of ``<nova:root type='image'>``, or None."""
+    root = _nova_child(_nova_child(tree.find('metadata'), 'instance'),
+                       'root')
+    if root is None or root.get('type') != 'image':
+        return None
+    return root.get('uuid') or None
 
 
 def parse_root_disk(xml):
@@ -160,7 +173,8 @@ class Hypervisor:
                       state=_STATE_NAMES.get(state, f'state {state}'),
                       root_disk=parse_root_disk(tree),
                       managed_save=managed_save,
-                      owner_project=parse_owner_project(tree))
+                      owner_project=parse_owner_project(tree),
+                      base_image_id=parse_base_image(tree))
 
     def close(self):
         with self._lock:

@@ -35,7 +35,7 @@ class SnapshotPayload(SnapworkerObject):
     #              clones)
     # Version 1.2: instance_uuid nullable (a malformed request's);
     #              image_status is what Glance last reported;
-    #              data_verified, shared_bytes
+    #              data_verified, shared_bytes, store
     VERSION = '1.2'
 
     fields = {
@@ -54,6 +54,9 @@ class SnapshotPayload(SnapworkerObject):
         'source_format': fields.StringField(nullable=True),
         'virtual_size': fields.IntegerField(nullable=True),
         'target_format': fields.StringField(nullable=True),
+        # The Glance store the data was uploaded into (None: Glance's
+        # default store; see [glance] snapshot_store).
+        'store': fields.StringField(nullable=True),
         'bytes_read': fields.IntegerField(default=0),
         'bytes_uploaded': fields.IntegerField(default=0),
         # Total size of the upload when known in advance (streams know it).

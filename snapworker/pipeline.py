@@ -90,6 +90,8 @@ class SnapshotJob(sources_base.PlanContext):
         self._claim_pending = False
         #: (algorithm, md5, hash) of the bytes uploaded, once sent.
         self._sent_digest = None
+        #: The Glance store uploads go to (None: Glance's default).
+        self._store = None
 
     def describe(self):
         """What ``get_status`` reports about this job."""
@@ -105,6 +107,8 @@ class SnapshotJob(sources_base.PlanContext):
     # -- the plan-facing API (see sources/base.py) --------------------------
 
     def upload(self, body, disk_format, store=None):
+        store = store or self._store
+        self.payload.store = store
         self.payload.bytes_total = body.size
 
         def on_progress(bytes_out):
@@ -229,6 +233,7 @@ class SnapshotJob(sources_base.PlanContext):
         facts = source.inspect()
         self._location = facts.location
         self._check_size(facts)
+        self._store = self._snapshot_store(domain)
         target_format = self._target_format(facts)
         # Only sources that can reference data in place (RBD) care where
         # Glance keeps it; the others do not pay for the lookup.
@@ -442,6 +447,27 @@ class SnapshotJob(sources_base.PlanContext):
                 instance_uuid=self.instance_uuid,
                 owner=domain.owner_project or 'unknown',
                 project_id=self._project_id())
+
+    def _snapshot_store(self, domain):
+        """The store of ``[glance] snapshot_store`` for this instance."""
+        policy = self._conf.glance.snapshot_store
+        if policy == 'default':
+            return None
+        if policy != 'base':
+            return policy
+        if domain.base_image_id:
+            try:
+                stores = self._images.image_stores(domain.base_image_id)
+            except exception.GlanceError as e:
+                LOG.warning('Cannot tell the store of base image %s (%s): '
+                            'using the default store', domain.base_image_id,
+                            e)
+                stores = []
+            if stores:
+                return stores[0]
+        LOG.info('Instance %s: no store known for its base image; using '
+                 'the default store', self.instance_uuid)
+        return None
 
     def _check_size(self, facts):
         limits = []

@@ -27,6 +27,15 @@ opts = [
                               'that trusts them (development and tests).'),
                ],
                help='How requests to Glance are authenticated.'),
+    cfg.StrOpt('snapshot_store',
+               default='default',
+               help='Glance store (``enabled_backends`` id) snapshots are '
+                    'uploaded into: ``default`` lets Glance choose (its '
+                    'default store, what Nova does), ``base`` uses the '
+                    'store that holds the instance\'s base image (Nova\'s '
+                    'metadata in the domain XML names it), falling back to '
+                    'the default store when that is unknown; any other '
+                    'value names a store.'),
     cfg.StrOpt('hash_algorithm',
                default='sha512',
                help='The hashlib algorithm Glance computes ``os_hash_value`` '

@@ -57,13 +57,15 @@ def shared_services():
     return _SERVICES
 
 
-def nova_metadata(project_id, user_id='user'):
-    """The ``<metadata>`` Nova writes into a domain: its owner."""
+def nova_metadata(project_id, user_id='user', base_image=None):
+    """The ``<metadata>`` Nova writes into a domain: owner, base image."""
+    root = (f"<nova:root type='image' uuid='{base_image}'/>" if base_image
+            else "")
     return (f"<metadata><nova:instance xmlns:nova="
             f"'http://openstack.org/xmlns/libvirt/nova/1.1'>"
             f"<nova:owner><nova:user uuid='{user_id}'>u</nova:user>"
             f"<nova:project uuid='{project_id}'>p</nova:project>"
-            f"</nova:owner></nova:instance></metadata>")
+            f"</nova:owner>{root}</nova:instance></metadata>")
 
 
 def qemu_img(*args):
@@ -178,13 +180,17 @@ class FunctionalTestCase(testtools.TestCase):
             os.unlink(path)
 
     def define_domain(self, disk_xml=None, path=None, fmt='qcow2',
-                      running=False, owner=None):
+                      running=False, owner=None, base_image=None):
         """A libvirt domain named like Nova's, with this root disk.
 
         :param owner: the project in Nova's metadata; the test context's
             project by default.
+        :param base_image: the Glance image Nova's metadata says the
+            instance was built from.
         """
         instance_uuid = str(uuid.uuid4())
+        metadata = nova_metadata(owner or self.context.project_id,
+                                 base_image=base_image)
         if disk_xml is None:
             disk_xml = (f"<disk type='file' device='disk'>"
                         f"<driver name='qemu' type='{fmt}'/>"
@@ -193,7 +199,7 @@ class FunctionalTestCase(testtools.TestCase):
         dom = self.libvirt.defineXML(
             f"<domain type='test'><name>instance-{instance_uuid[:8]}</name>"
             f"<uuid>{instance_uuid}</uuid><memory>65536</memory>"
-            f"{nova_metadata(owner or self.context.project_id)}"
+            f"{metadata}"
             f"<os><type>hvm</type></os><devices>{disk_xml}</devices>"
             f"</domain>")
         self.addCleanup(self._undefine, dom)
