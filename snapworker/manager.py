@@ -25,6 +25,7 @@ from snapworker import notifications
 from snapworker import objects
 from snapworker import pipeline
 from snapworker import sources
+from snapworker.sources import flattener
 
 LOG = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class SnapshotManager:
         self._lock = threading.Lock()
         self._journal = journal.Journal(conf.worker.journal_dir)
         self._journal.prepare()
+        # Outlives the jobs that hand it clones; started before recovery
+        # resumes journalled flattens, stopped last.
+        self._flattener = flattener.Flattener(conf)
+        self._flattener.start()
 
     def create_snapshot(self, context, instance_uuid, image_id,
                         target_format=None, max_virtual_size=None):
@@ -172,7 +177,7 @@ class SnapshotManager:
                                target_format),
             instance_uuid, image_id, target_format, record=record,
             context=context, max_virtual_size=max_virtual_size,
-            request_error=request_error)
+            request_error=request_error, flattener=self._flattener)
 
     # -- crash recovery -------------------------------------------------------
 
@@ -199,7 +204,7 @@ class SnapshotManager:
 
     def _resume_background(self, entry, done):
         sources.resume_background(
-            self._conf, entry['owner'], entry['kind'], entry['ref'],
+            self._flattener, entry['owner'], entry['kind'], entry['ref'],
             entry.get('details') or {}, done)
 
     def _report_restarted(self, record, outcome, image_status):
@@ -254,7 +259,7 @@ class SnapshotManager:
         with self._lock:
             self._stopping.set()
         self._executor.shutdown(wait=True)
-        sources.stop_background_work()
+        self._flattener.stop()
         self._hypervisor.close()
 
 

@@ -44,7 +44,7 @@ class SnapshotJob:
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
                  image_id, target_format, clock=time.monotonic,
                  record=None, context=None, max_virtual_size=None,
-                 request_error=None):
+                 request_error=None, flattener=None):
         """:param record: the job's ``journal.Record`` (written when the
             request was accepted); None runs without a journal (nothing
             to recover after a crash).
@@ -55,6 +55,8 @@ class SnapshotJob:
             max_virtual_size``.
         :param request_error: why the request is malformed, if it is: the
             job then only claims the image (to delete it) and fails.
+        :param flattener: the worker's ``sources.flattener.Flattener``,
+            handed to the source (RBD clones flattened in the background).
         """
         self._conf = conf
         self._hypervisor = hypervisor
@@ -74,6 +76,7 @@ class SnapshotJob:
         self._context = context
         self._max_virtual_size = max_virtual_size
         self._request_error = request_error
+        self._flattener = flattener
         #: The image is this request's: deleted if the snapshot fails.
         self._owns_image = False
 
@@ -199,8 +202,8 @@ class SnapshotJob:
         self._check_instance_owner(domain)
         if domain.root_disk is None:
             raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
-        self._source = source = sources.open_source(domain.root_disk,
-                                                    self._conf)
+        self._source = source = sources.open_source(
+            domain.root_disk, self._conf, flattener=self._flattener)
         facts = source.inspect()
         self._location = facts.location
         self._check_size(facts)
