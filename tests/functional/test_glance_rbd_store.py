@@ -22,7 +22,6 @@ import io
 import os
 import shutil
 import tempfile
-import time
 import uuid
 
 import glanceclient
@@ -118,15 +117,6 @@ class TestGlanceRbdStore(testtools.TestCase):
     def _download(self, image_id):
         return b"".join(self.client.images.data(image_id))
 
-    def _wait_for_hash(self, image_id, timeout=30):
-        """The location_import task hashes after going active: wait for it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            image = self.client.images.get(image_id)
-            if image.os_hash_value or time.monotonic() > deadline:
-                return image
-            time.sleep(0.1)
-
     def _assert_registered(self, image, url, data):
         self.assertEqual("active", image.status)
         self.assertEqual(len(data), image.size)
@@ -171,7 +161,7 @@ class TestGlanceRbdStore(testtools.TestCase):
         image = self._new_image("add-location-post")
         self.client.images.add_image_location(image.id, url)
         image = glance.wait_for_status(self.client, image.id, "active")
-        image = self._wait_for_hash(image.id)
+        image = glance.wait_for_tasks(self.client, image.id)
         self._assert_registered(image, url, data)
         self.assertEqual(hashlib.sha512(data).hexdigest(),
                          image.os_hash_value)
