@@ -48,10 +48,10 @@ class RbdRef:
     The first is what the journal records and what ``rbd`` commands take;
     the second is glance_store's rbd location (its ``StoreLocation``),
     which always names a snapshot and the cluster. Refs come from journal
-    files and from Glance, so every part is checked: non-empty, not ``.``
-    or ``..``, no ``/`` or ``@`` (which the first notation would split
-    at), no control characters, and a fsid that is a UUID (and the
-    expected one when the caller knows it).
+    files, domain XML and Glance, so every part is checked: non-empty,
+    not ``.`` or ``..``, no ``/`` or ``@`` (which the first notation
+    would split at), no control characters, and a fsid that is a UUID
+    (and the expected one when the caller knows it).
     """
 
     pool: str

@@ -55,8 +55,6 @@ operator whether to flatten its clone first (``rbd flatten <glance
 pool>/<image id>``) or just to remove the snapshot.
 """
 
-import dataclasses
-
 import rados
 import rbd
 from oslo_log import log as logging
@@ -402,8 +400,8 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
                 operation='clone',
                 target=src.location,
                 reason=str(e)) from e
-        url = dataclasses.replace(clone_ref, snapshot=ceph.GLANCE_SNAP,
-                                  fsid=src.fsid).url
+        url = ceph.RbdRef(self._glance_pool, job.image_id, ceph.GLANCE_SNAP,
+                          src.fsid).url
         # Journalled first: after a crash during registration, the clone
         # is kept if the image became active and removed with it if not.
         job.handed_over(base.RBD_CLONE, str(clone_ref), to=base.GLANCE)
