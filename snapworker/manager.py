@@ -28,6 +28,7 @@ from snapworker import pipeline
 from snapworker import reaper
 from snapworker import sources
 from snapworker.sources import base as sources_base
+from snapworker.sources import flattener
 
 LOG = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class SnapshotManager:
         self._journal = journal.Journal(conf.worker.journal_dir)
         self._journal.prepare()
         self._reaper = reaper.ImageReaper()
+        # Outlives the jobs that hand it clones; started before recovery
+        # resumes journalled flattens, stopped last.
+        self._flattener = flattener.Flattener(conf)
+        self._flattener.start()
 
     def create_snapshot(self, context, instance_uuid, image_id,
                         target_format=None, max_virtual_size=None,
@@ -182,7 +187,7 @@ class SnapshotManager:
             instance_uuid, image_id, target_format, record=record,
             context=context, max_virtual_size=max_virtual_size,
             request_error=request_error, reaper=self._reaper,
-            sent_at=sent_at)
+            sent_at=sent_at, flattener=self._flattener)
 
     # -- crash recovery -------------------------------------------------------
 
@@ -218,7 +223,7 @@ class SnapshotManager:
                 claim_project=details.get('claim_project'))
             return
         sources.resume_background(
-            self._conf, entry['owner'], entry['kind'], entry['ref'],
+            self._flattener, entry['owner'], entry['kind'], entry['ref'],
             entry.get('details') or {}, done)
 
     def _report_restarted(self, record, outcome, image_status):
@@ -289,8 +294,7 @@ class SnapshotManager:
         with self._lock:
             self._stopping.set()
         self._executor.shutdown(wait=True)
-        for what, step in (('background source work',
-                            sources.stop_background_work),
+        for what, step in (('RBD flattener', self._flattener.stop),
                            ('image reaper', self._reaper.stop),
                            ('libvirt connection', self._hypervisor.close)):
             try:

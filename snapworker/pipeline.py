@@ -47,7 +47,8 @@ class SnapshotJob(sources_base.PlanContext):
     def __init__(self, conf, hypervisor, images, emitter, instance_uuid,
                  image_id, target_format, clock=time.monotonic,
                  record=None, context=None, max_virtual_size=None,
-                 request_error=None, reaper=None, sent_at=None):
+                 request_error=None, reaper=None, sent_at=None,
+                 flattener=None):
         """:param record: the job's ``journal.Record`` (written when the
             request was accepted); None runs without a journal (nothing
             to recover after a crash).
@@ -62,6 +63,8 @@ class SnapshotJob(sources_base.PlanContext):
             when Glance does not at once; None: no retries.
         :param sent_at: when the client sent the request (epoch seconds),
             for the manager's ``[worker] max_request_age``.
+        :param flattener: the worker's ``sources.flattener.Flattener``,
+            handed to the source (RBD clones flattened in the background).
         """
         super().__init__()
         self._conf = conf
@@ -84,6 +87,7 @@ class SnapshotJob(sources_base.PlanContext):
         self._request_error = request_error
         self._reaper = reaper
         self.sent_at = sent_at
+        self._flattener = flattener
         #: The image is this request's: deleted if the snapshot fails.
         self._owns_image = False
         #: Glance did not answer the claim: settled by the reaper.
@@ -228,8 +232,8 @@ class SnapshotJob(sources_base.PlanContext):
         self._check_instance_owner(domain)
         if domain.root_disk is None:
             raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
-        self._source = source = sources.open_source(domain.root_disk,
-                                                    self._conf)
+        self._source = source = sources.open_source(
+            domain.root_disk, self._conf, flattener=self._flattener)
         facts = source.inspect()
         self._location = facts.location
         self._check_size(facts)

@@ -1,6 +1,8 @@
 """RBD images (Nova's ``images_type = rbd``): clone in Ceph, or stream.
 
-The only module that imports rados/rbd. Two plans:
+The source and its two plans; the Ceph plumbing they share (connection,
+``RbdRef``, removal) is in ceph.py, the disk view in streams/rbd.py and
+the background flatten in flattener.py. Two plans:
 
 ``clone`` (raw target, Glance has an rbd store in the same cluster)
     No data moves. ``<pool>/<disk>@snapworker-<image_id>`` is created
@@ -41,208 +43,48 @@ see tests/functional/test_rbd.py:
   OSD filled up).
 
 Crash safety: every snapshot the worker makes on an instance disk is named
-``snapworker-<glance image id>`` (SNAP_PREFIX), and the plans journal each
-snapshot and clone before creating it (``job.track``), the clone as
-Glance's before registering it and the snapshot as the flattener's when a
-background flatten is queued (``job.handed_over``). A worker killed in
-between removes them when it starts again (``remove_leftover``) or queues
-the flatten again (``resume_flatten``); see journal.py. Without a journal
+``snapworker-<glance image id>`` (``ceph.SNAP_PREFIX``), and the plans
+journal each snapshot and clone before creating it (``ctx.track``), the
+clone as Glance's before registering it and the snapshot as the
+flattener's when a background flatten is queued (``ctx.handed_over``). A
+worker killed in between removes them when it starts again
+(``ceph.remove_leftover``) or queues the flatten again
+(``sources.resume_background``); see journal.py. Without a journal
 record, whether the image id is still an active Glance image tells the
 operator whether to flatten its clone first (``rbd flatten <glance
 pool>/<image id>``) or just to remove the snapshot.
 """
 
-import queue
-import threading
-import time
-
 import rados
 import rbd
 from oslo_log import log as logging
-from oslo_utils import uuidutils
 
 from snapworker import exception
 from snapworker import streams
 from snapworker.sources import base
-from snapworker.streams import extents
+from snapworker.sources import ceph
+from snapworker.streams import rbd as rbd_stream
 
 LOG = logging.getLogger(__name__)
 
-#: Every snapshot this worker makes on an instance disk starts with this.
-SNAP_PREFIX = 'snapworker-'
-#: The snapshot Glance's rbd store expects on its images.
-GLANCE_SNAP = 'snap'
 #: Features a clone may take over from its parent, plus deep-flatten (see
 #: the module docstring); journaling and data pools are not copied.
 _CLONE_FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
                    | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
-#: How long a stopping worker waits for background flattens.
-_STOP_WAIT = 10.0
 
 
-def connect(conf):
-    """A connected ``rados.Rados`` for ``[rbd]``; the caller shuts it down.
+def _guarded(what, step, *args):
+    """Run one cleanup step; a failure is logged, never raised.
 
-    ``client_mount_timeout`` is what bounds the wait for the monitors (the
-    ``timeout`` argument of ``connect()`` does not): an unreachable
-    cluster fails the snapshot in ``connect_timeout`` seconds.
+    Cleanup runs after failures, and one step failing (a pool that cannot
+    be opened, a connection already gone) must not keep the next from
+    removing what it can: each is isolated, as ironic's service stop
+    isolates its steps.
     """
-    opts = conf.rbd
-    settings = {'client_mount_timeout': str(opts.connect_timeout)}
-    if opts.keyring:
-        settings['keyring'] = opts.keyring
-    conn = rados.Rados(conffile=opts.ceph_conf, rados_id=opts.user,
-                       conf=settings)
     try:
-        conn.connect(timeout=opts.connect_timeout)
-    except rados.Error as e:
-        conn.shutdown()
-        raise exception.RbdError(
-            operation='connect',
-            target=opts.ceph_conf,
-            reason=str(e)) from e
-    return conn
-
-
-def snap_name(image_id):
-    return SNAP_PREFIX + image_id
-
-
-def _split_ref(ref):
-    """``pool/image[@snap]`` -> (pool, image, snap or None)."""
-    spec, _, snap = ref.partition('@')
-    pool, _, name = spec.partition('/')
-    if not (pool and name):
-        raise ValueError(f'{ref!r} is not pool/image[@snapshot]')
-    return pool, name, snap or None
-
-
-def remove_leftover(conf, kind, ref):
-    """Remove an RBD snapshot or clone that a crashed worker's job left.
-
-    :param kind: ``base.RBD_SNAPSHOT`` (ref ``pool/image@snapworker-*``)
-        or ``base.RBD_CLONE`` (ref ``pool/<image id>``).
-
-    The ref comes from a journal file, so only what this worker creates
-    is touched: snapshots named with SNAP_PREFIX, clones named by an
-    image id. Gone already (image, snapshot or pool) is success.
-    """
-    pool, name, snap = _split_ref(ref)
-    if kind == base.RBD_SNAPSHOT:
-        if not (snap or '').startswith(SNAP_PREFIX):
-            raise ValueError(f'{ref!r} is not a snapworker snapshot')
-    elif kind != base.RBD_CLONE or snap or not uuidutils.is_uuid_like(name):
-        raise ValueError(f'{ref!r} is not a snapworker {kind}')
-    conn = connect(conf)
-    try:
-        with conn.open_ioctx(pool) as ioctx:
-            if snap:
-                _remove_snap(ioctx, name, snap)
-            else:
-                _remove_image(ioctx, name)
-    except rados.ObjectNotFound:
-        LOG.info('Pool %s is gone, and %s with it', pool, ref)
-    except (rados.Error, rbd.Error) as e:
-        raise exception.RbdError(operation='cleanup', target=ref,
-                                 reason=str(e)) from e
-    finally:
-        conn.shutdown()
-
-
-def resume_flatten(conf, snapshot_ref, clone_ref, done):
-    """Queue again a background flatten a stopped worker did not finish.
-
-    The clone stayed valid (a partial flatten is), so the task simply
-    starts over: flatten ``clone_ref``, then remove ``snapshot_ref``.
-    """
-    pool, name, snap = _split_ref(snapshot_ref)
-    glance_pool, clone, _ = _split_ref(clone_ref)
-    if not (snap or '').startswith(SNAP_PREFIX):
-        raise ValueError(f'{snapshot_ref!r} is not a snapworker snapshot')
-    FLATTENER.submit(conf, pool, name, snap, glance_pool, clone,
-                     on_done=done)
-
-
-def _remove_snap(ioctx, name, snap):
-    """Remove ``name@snap`` (unprotecting it first); gone already is fine."""
-    try:
-        with rbd.Image(ioctx, name) as image:
-            if image.is_protected_snap(snap):
-                image.unprotect_snap(snap)
-            image.remove_snap(snap)
-    except rbd.ImageNotFound:
-        pass
-
-
-def _remove_image(ioctx, name):
-    """Remove an image and its snapshots; gone already is fine."""
-    try:
-        with rbd.Image(ioctx, name) as image:
-            for snap in list(image.list_snaps()):
-                if image.is_protected_snap(snap['name']):
-                    image.unprotect_snap(snap['name'])
-                image.remove_snap(snap['name'])
-        rbd.RBD().remove(ioctx, name)
-    except rbd.ImageNotFound:
-        pass
-
-
-class RbdView(extents.DiskView):
-    """A read-only RBD snapshot as a disk view.
-
-    Extents come from ``diff_iterate`` against nothing (what is allocated
-    in the image or, for a clone, its parents), at whole-object
-    granularity: with object-map/fast-diff this visits only the objects
-    that exist; without them every object is asked, still without reading
-    data. Holes are reported as ``data=False`` and never read.
-    """
-
-    def __init__(self, ioctx, name, snapshot):
-        super().__init__()
-        self._image = rbd.Image(ioctx, name, snapshot=snapshot,
-                                read_only=True)
-        try:
-            self._size = self._image.size()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def virtual_size(self):
-        return self._size
-
-    def extents(self):
-        found = []
-
-        def on_extent(offset, length, exists):
-            if exists:
-                found.append(extents.Extent(offset, length, True))
-
-        self._image.diff_iterate(0, self._size, None, on_extent,
-                                 include_parent=True, whole_object=True)
-        return extents.merge_extents(self._fill_holes(sorted(found)))
-
-    def _fill_holes(self, data_extents):
-        pos = 0
-        for ext in data_extents:
-            start = max(ext.start, pos)
-            end = min(ext.end, self._size)
-            if start >= end:
-                continue
-            if start > pos:
-                yield extents.Extent(pos, start - pos, False)
-            yield extents.Extent(start, end - start, True)
-            pos = end
-        if pos < self._size:
-            yield extents.Extent(pos, self._size - pos, False)
-
-    def pread(self, offset, length):
-        return self._count(self._image.read(offset, length), offset, length)
-
-    def close(self):
-        if self._image is not None:
-            self._image.close()
-            self._image = None
+        step(*args)
+    except Exception:
+        LOG.exception('%s failed', what)
 
 
 class RbdSource(base.Source):
@@ -259,10 +101,19 @@ class RbdSource(base.Source):
     #: The pipeline passes Glance's stores to ``plan()`` (see pipeline.py).
     wants_glance_stores = True
 
-    def __init__(self, pool, name, conf):
+    def __init__(self, pool, name, conf, flattener=None):
+        """:param flattener: the worker's ``flattener.Flattener``; without
+            one, ``[rbd] flatten = background`` flattens synchronously.
+        """
+        try:
+            self.ref = ceph.RbdRef(pool, name)
+        except ValueError as e:
+            raise exception.UnsupportedDisk(path=f'rbd:{pool}/{name}',
+                                            reason=str(e)) from e
         self.pool = pool
         self.name = name
         self.conf = conf
+        self.flattener = flattener
         self.conn = None
         self.ioctx = None
         self.fsid = None
@@ -270,7 +121,7 @@ class RbdSource(base.Source):
         self.facts = None
 
     def inspect(self):
-        self.conn = connect(self.conf)
+        self.conn = ceph.connect(self.conf)
         try:
             self.fsid = self.conn.get_fsid()
             self.ioctx = self.conn.open_ioctx(self.pool)
@@ -293,7 +144,7 @@ class RbdSource(base.Source):
 
     @property
     def location(self):
-        return f'rbd:{self.pool}/{self.name}'
+        return f'rbd:{self.ref}'
 
     @property
     def clone_depth(self):
@@ -371,6 +222,8 @@ class RbdSource(base.Source):
         if depth > self.conf.rbd.max_clone_depth and policy != 'sync':
             return 'sync', (f' (clone depth {depth} exceeds max_clone_depth '
                             f'{self.conf.rbd.max_clone_depth})')
+        if policy == 'background' and self.flattener is None:
+            return 'sync', ' (no background flattener)'
         return policy, ''
 
     def _glance_target(self, stores):
@@ -405,12 +258,15 @@ class RbdSource(base.Source):
         return {'id': None, 'pool': None}
 
     def close(self):
-        if self.ioctx is not None:
-            self.ioctx.close()
-            self.ioctx = None
-        if self.conn is not None:
-            self.conn.shutdown()
-            self.conn = None
+        """Close the pool, then the connection, even if the first fails."""
+        ioctx, self.ioctx = self.ioctx, None
+        conn, self.conn = self.conn, None
+        if ioctx is not None:
+            _guarded(f'Closing pool {self.pool} of {self.location}',
+                     ioctx.close)
+        if conn is not None:
+            _guarded(f'Shutting down the Ceph connection of {self.location}',
+                     conn.shutdown)
 
 
 class _SourceSnapshotMixin:
@@ -420,11 +276,11 @@ class _SourceSnapshotMixin:
     _snap = None
 
     def _snap_ref(self, snap):
-        return f'{self._source.pool}/{self._source.name}@{snap}'
+        return self._source.ref.at(snap)
 
-    def _take_snapshot(self, job):
-        snap = snap_name(job.image_id)
-        job.track(base.RBD_SNAPSHOT, self._snap_ref(snap))
+    def _take_snapshot(self, ctx):
+        snap = ceph.snap_name(ctx.image_id)
+        ctx.track(base.RBD_SNAPSHOT, str(self._snap_ref(snap)))
         try:
             with rbd.Image(self._source.ioctx, self._source.name) as image:
                 image.create_snap(snap)
@@ -435,19 +291,16 @@ class _SourceSnapshotMixin:
                 reason=str(e)) from e
         self._snap = snap
         # A point-in-time copy exists: the guest may run again.
-        job.source_released()
+        ctx.source_released()
         return snap
 
     def _drop_snapshot(self):
         if self._snap is None:
             return
-        try:
-            _remove_snap(self._source.ioctx, self._source.name, self._snap)
-        except rbd.Error:
-            LOG.exception('Could not remove snapshot %s@%s; remove it by '
-                          'hand (prefix %s)', self._source.location,
-                          self._snap, SNAP_PREFIX)
-        self._snap = None
+        snap, self._snap = self._snap, None
+        _guarded(f'Removing snapshot {self._snap_ref(snap)} (remove it by '
+                 f'hand)', ceph.remove_snapshot, self._source.ioctx,
+                 self._source.name, snap)
 
 
 class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
@@ -461,15 +314,17 @@ class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
         self._store_id = store_id
         self._chunk_size = chunk_size
 
-    def run(self, job):
-        snap = self._take_snapshot(job)
-        view = RbdView(self._source.ioctx, self._source.name, snap)
+    def run(self, ctx):
+        snap = self._take_snapshot(ctx)
+        view = rbd_stream.RbdView(rbd.Image(
+            self._source.ioctx, self._source.name, snapshot=snap,
+            read_only=True))
         body = streams.open_stream(view, self.target_format,
                                    self._chunk_size)
         try:
-            job.upload(body, self.target_format, store=self._store_id)
+            ctx.upload(body, self.target_format, store=self._store_id)
         finally:
-            job.add_bytes_read(body.bytes_read)
+            ctx.add_bytes_read(body.bytes_read)
             body.close()
 
     def cleanup(self):
@@ -499,7 +354,7 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
         self._clone = None
         self._handed_over = False
 
-    def run(self, job):
+    def run(self, ctx):
         """Clone and register; on any failure undo what was made, here.
 
         The pipeline calls ``cleanup()`` again afterwards (idempotent),
@@ -508,12 +363,12 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
         error, as glance_store's rbd driver does in ``add()``.
         """
         try:
-            self._run(job)
+            return self._run(ctx)
         except BaseException:
             self.cleanup()
             raise
 
-    def _run(self, job):
+    def _run(self, ctx):
         src = self._source
         try:
             self._glance_ioctx = src.conn.open_ioctx(self._glance_pool)
@@ -522,35 +377,34 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
                 operation='open pool',
                 target=self._glance_pool,
                 reason=str(e)) from e
-        snap = self._take_snapshot(job)
-        clone_ref = f'{self._glance_pool}/{job.image_id}'
-        job.track(base.RBD_CLONE, clone_ref)
+        snap = self._take_snapshot(ctx)
+        clone_ref = ceph.RbdRef(self._glance_pool, ctx.image_id)
+        ctx.track(base.RBD_CLONE, str(clone_ref))
         try:
-            protected = self._make_clone(job.image_id, snap)
+            protected = self._make_clone(ctx.image_id, snap)
             if protected and self.policy == 'never':
                 # Clone v1: the protected snapshot would pin the disk for
                 # good; v2 is what makes never possible.
                 self.policy = 'sync'
-            job.payload.flatten_policy = self.policy
             with rbd.Image(self._glance_ioctx, self._clone) as clone:
                 if self.policy == 'sync':
                     # Flatten first: a snapshot taken before would keep the
                     # parent (notes/ceph.md), the source snapshot can go.
                     clone.flatten()
                     self._drop_snapshot()
-                clone.create_snap(GLANCE_SNAP)
-                clone.protect_snap(GLANCE_SNAP)
+                clone.create_snap(ceph.GLANCE_SNAP)
+                clone.protect_snap(ceph.GLANCE_SNAP)
         except rbd.Error as e:
             raise exception.RbdError(
                 operation='clone',
                 target=src.location,
                 reason=str(e)) from e
-        url = (f'rbd://{src.fsid}/{self._glance_pool}/{self._clone}/'
-               f'{GLANCE_SNAP}')
+        url = ceph.RbdRef(self._glance_pool, ctx.image_id, ceph.GLANCE_SNAP,
+                          src.fsid).url
         # Journalled first: after a crash during registration, the clone
         # is kept if the image became active and removed with it if not.
-        job.handed_over(base.RBD_CLONE, clone_ref, to=base.GLANCE)
-        job.register_location(url)
+        ctx.handed_over(base.RBD_CLONE, str(clone_ref), to=base.GLANCE)
+        ctx.register_location(url)
         # Glance owns the clone now: deleting the image deletes it.
         self._handed_over = True
         if self.policy == 'never':
@@ -558,12 +412,12 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
             # named snapshot goes so that nothing visible pins the disk.
             self._drop_snapshot()
         elif self.policy == 'background' and self._snap:
-            done = job.handed_over(base.RBD_SNAPSHOT,
-                                   self._snap_ref(self._snap),
-                                   to=base.FLATTENER, clone=clone_ref)
-            FLATTENER.submit(src.conf, src.pool, src.name, self._snap,
-                             self._glance_pool, self._clone, on_done=done)
+            snapshot = self._snap_ref(self._snap)
+            done = ctx.handed_over(base.RBD_SNAPSHOT, str(snapshot),
+                                   to=base.FLATTENER, clone=str(clone_ref))
+            src.flattener.submit(clone_ref, snapshot, on_done=done)
             self._snap = None
+        return base.PlanResult(flatten_policy=self.policy)
 
     def _make_clone(self, image_id, snap):
         """Clone ``snap`` as ``<glance pool>/<image_id>``; return whether
@@ -587,107 +441,13 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
         return True
 
     def cleanup(self):
-        """Remove the clone unless Glance owns it, then the snapshot."""
-        if self._clone and not self._handed_over:
-            try:
-                _remove_image(self._glance_ioctx, self._clone)
-            except rbd.Error:
-                LOG.exception('Could not remove clone %s/%s',
-                              self._glance_pool, self._clone)
-            self._clone = None
+        """Remove the clone unless Glance owns it, then the snapshot, then
+        close Glance's pool: each step even if the one before failed."""
+        clone, self._clone = self._clone, None
+        if clone and not self._handed_over:
+            _guarded(f'Removing clone {self._glance_pool}/{clone}',
+                     ceph.remove_image, self._glance_ioctx, clone)
         self._drop_snapshot()
-        if self._glance_ioctx is not None:
-            self._glance_ioctx.close()
-            self._glance_ioctx = None
-
-
-class Flattener:
-    """Background flattening of clones registered before their flatten.
-
-    One daemon thread, started on first use, works through a queue with
-    its own Ceph connection per task: flatten the clone (deep-flatten:
-    its ``snap`` too), then remove the source snapshot and call the
-    task's ``on_done`` (which drops it from the journal; a task that
-    failed stays there for the next start to retry). A clone Glance
-    already deleted is not an error (the snapshot is removed anyway). On
-    stop (``stop()``, when the worker stops) it waits up to
-    ``_STOP_WAIT`` seconds and then abandons the rest: an interrupted
-    flatten leaves a valid, partly flattened clone and the named source
-    snapshot (see the module docstring for recovering from that).
-    """
-
-    def __init__(self):
-        self._queue = queue.Queue()
-        self._thread = None
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self.pending = 0
-
-    def submit(self, conf, pool, name, snap, glance_pool, clone,
-               on_done=None):
-        with self._lock:
-            self.pending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name='rbd-flatten', daemon=True)
-                self._thread.start()
-        self._queue.put(((conf, pool, name, snap, glance_pool, clone),
-                         on_done))
-
-    def _loop(self):
-        while not self._stopping.is_set():
-            try:
-                task, on_done = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                self._flatten(*task)
-            except Exception:
-                LOG.exception('Background flatten of %s/%s failed; snapshot '
-                              '%s/%s@%s left in place', task[4], task[5],
-                              task[1], task[2], task[3])
-            else:
-                if on_done is not None:
-                    on_done()
-            finally:
-                with self._lock:
-                    self.pending -= 1
-
-    @staticmethod
-    def _flatten(conf, pool, name, snap, glance_pool, clone):
-        started = time.monotonic()
-        conn = connect(conf)
-        try:
-            with conn.open_ioctx(glance_pool) as ioctx:
-                try:
-                    with rbd.Image(ioctx, clone) as image:
-                        image.flatten()
-                except rbd.ImageNotFound:
-                    LOG.info('Clone %s/%s is gone (image deleted)',
-                             glance_pool, clone)
-            with conn.open_ioctx(pool) as ioctx:
-                _remove_snap(ioctx, name, snap)
-        finally:
-            conn.shutdown()
-        LOG.info('Flattened %s/%s and removed %s/%s@%s in %.2f s',
-                 glance_pool, clone, pool, name, snap,
-                 time.monotonic() - started)
-
-    def wait(self, timeout):
-        """Wait until nothing is pending; return whether that happened."""
-        deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self.pending
-
-    def stop(self, timeout=_STOP_WAIT):
-        if self._thread is None:
-            return
-        if not self.wait(timeout):
-            LOG.warning('Abandoning %d background flatten(s); their source '
-                        'snapshots (%s*) stay', self.pending, SNAP_PREFIX)
-        self._stopping.set()
-
-
-#: The worker's flattener; the manager stops it (sources.stop_background_work)
-FLATTENER = Flattener()
+        ioctx, self._glance_ioctx = self._glance_ioctx, None
+        if ioctx is not None:
+            _guarded(f'Closing pool {self._glance_pool}', ioctx.close)

@@ -175,6 +175,8 @@ class TestGlanceRbdStore(testtools.TestCase):
         self._assert_registered(image, url, data)
         self.assertEqual(hashlib.sha512(data).hexdigest(),
                          image.os_hash_value)
+        # The hash is saved before the task ends: see wait_for_tasks.
+        glance.wait_for_tasks(self.client, image.id)
         self._assert_glance_owns(image.id, name)
 
     def test_add_location_post_needs_service_role(self):

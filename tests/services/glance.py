@@ -320,6 +320,32 @@ def _rbd_section(state_dir, rbd):
         """)
 
 
+def wait_for_tasks(client, image_id, timeout=60):
+    """Poll until every task Glance ran on the image has ended; return it.
+
+    The v2.17 location API starts a ``location_import`` task that hashes
+    the image after activating it. Its ``os_hash_value`` appears before
+    the task is over: the task then still drops its hashing bookkeeping
+    (the ``running-task-*`` file of ``task_cancellation_tracker`` first,
+    the image's hidden ``os_glance_hash_op_host`` property after). A
+    DELETE in between makes Glance (33.0) try to cancel the hash by that
+    file, which is gone: HTTP 500. Waiting for the task's own end closes
+    the window.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = client.images.get_associated_image_tasks(image_id)['tasks']
+        running = [t['id'] for t in tasks
+                   if t['status'] not in ('success', 'failure')]
+        if not running:
+            return client.images.get(image_id)
+        if time.monotonic() > deadline:
+            raise services.ServiceError(
+                "tasks %s of image %s still running after %d s" % (
+                    running, image_id, timeout))
+        time.sleep(0.1)
+
+
 def wait_for_status(client, image_id, status, timeout=30):
     """Poll a glanceclient image until it reaches status; return it."""
     deadline = time.monotonic() + timeout

@@ -516,32 +516,3 @@ class ManagerRecoveryTestCase(testtools.TestCase):
         self.assertRaises(ValueError, sources.remove_leftover, CONF,
                           'lvm_snapshot', 'vg/lv')
 
-
-class RbdLeftoverTestCase(testtools.TestCase):
-    """What the RBD side accepts from a journal file, without Ceph."""
-
-    def test_only_snapworker_snapshots_and_clones(self):
-        from snapworker.sources import rbd as rbd_source
-        with mock.patch.object(rbd_source, 'connect') as connect:
-            for kind, ref in ((base.RBD_SNAPSHOT, 'vms/disk@nova-resize'),
-                              (base.RBD_SNAPSHOT, 'vms/disk'),
-                              (base.RBD_CLONE, 'images/not-an-image-id'),
-                              (base.RBD_CLONE, 'images/x@snap'),
-                              (base.RBD_CLONE, 'no-pool')):
-                self.assertRaises(ValueError, sources.remove_leftover,
-                                  CONF, kind, ref)
-        connect.assert_not_called()
-
-    def test_flatten_resumed_with_the_journalled_refs(self):
-        from snapworker.sources import rbd as rbd_source
-        done = mock.Mock()
-        with mock.patch.object(rbd_source.FLATTENER, 'submit') as submit:
-            sources.resume_background(
-                CONF, base.FLATTENER, base.RBD_SNAPSHOT,
-                'vms/disk@snapworker-x', {'clone': 'images/x'}, done)
-        submit.assert_called_once_with(CONF, 'vms', 'disk', 'snapworker-x',
-                                       'images', 'x', on_done=done)
-
-    def test_unknown_background_work_is_refused(self):
-        self.assertRaises(ValueError, sources.resume_background, CONF,
-                          'uploader', base.SCRATCH_DIR, '/s/x', {}, None)

@@ -5,14 +5,19 @@ and ``plan()`` only looks at them, the configuration and the store list.
 The functional tests (tests/functional/test_rbd.py) run the plans.
 """
 
+from unittest import mock
+
 import testtools
 from oslo_config import fixture as config_fixture
 
+from snapworker import exception
 from snapworker import sources
 from snapworker.conf import CONF
 from snapworker.hypervisor import RootDisk
 from snapworker.sources import base
+from snapworker.sources import ceph
 from snapworker.sources import rbd as rbd_source
+from snapworker.streams import rbd as rbd_stream
 
 FSID = '0f4a8c52-6a11-4a4e-9a0e-6b3d2f1c9e77'
 OTHER_FSID = '7d1b2e90-3c4f-4f1a-8e2d-5a6b7c8d9e0f'
@@ -35,23 +40,35 @@ class RbdPlanTestCase(testtools.TestCase):
         super().setUp()
         self.conf = self.useFixture(config_fixture.Config(CONF))
 
-    def _source(self, parents=()):
-        source = rbd_source.RbdSource('vms', 'uuid_disk', CONF)
+    def _source(self, parents=(), flattener=True):
+        source = rbd_source.RbdSource(
+            'vms', 'uuid_disk', CONF,
+            flattener=mock.Mock() if flattener else None)
         source.fsid = FSID
         source.facts = base.SourceFacts(
             kind='rbd', format='raw', virtual_size=1 << 30,
             location=source.location, backing_chain=tuple(parents))
         return source
 
-    def _plan(self, target='raw', stores=(), parents=()):
-        return self._source(parents).plan(target, list(stores))
+    def _plan(self, target='raw', stores=(), parents=(), flattener=True):
+        return self._source(parents, flattener).plan(target, list(stores))
 
     def test_open_source_gives_rbd_source(self):
+        flattener = mock.Mock()
         source = sources.open_source(
-            RootDisk(kind='rbd', pool='vms', name='uuid_disk'), CONF)
+            RootDisk(kind='rbd', pool='vms', name='uuid_disk'), CONF,
+            flattener=flattener)
         self.assertIsInstance(source, rbd_source.RbdSource)
         self.assertEqual('rbd:vms/uuid_disk', source.location)
         self.assertTrue(source.wants_glance_stores)
+        self.assertIs(flattener, source.flattener)
+
+    def test_hostile_disk_name_is_unsupported(self):
+        for pool, name in (('vms', '../disk'), ('vms', 'disk@snap'),
+                           ('v/ms', 'disk')):
+            self.assertRaises(
+                exception.UnsupportedDisk, sources.open_source,
+                RootDisk(kind='rbd', pool=pool, name=name), CONF)
 
     def test_rbd_store_same_cluster_raw_clones(self):
         plan = self._plan(stores=[FILE_STORE, _rbd_store()])
@@ -117,6 +134,11 @@ class RbdPlanTestCase(testtools.TestCase):
             plan = self._plan(stores=[_rbd_store()])
             self.assertEqual(policy, plan.policy)
 
+    def test_background_without_a_flattener_is_sync(self):
+        plan = self._plan(stores=[_rbd_store()], flattener=False)
+        self.assertEqual('sync', plan.policy)
+        self.assertIn('no background flattener', plan.reason)
+
     def test_clone_depth_bound_forces_sync(self):
         self.conf.config(max_clone_depth=2, group='rbd')
         plan = self._plan(stores=[_rbd_store()],
@@ -127,29 +149,77 @@ class RbdPlanTestCase(testtools.TestCase):
         self.assertEqual('sync', plan.policy)
         self.assertIn('max_clone_depth', plan.reason)
 
-    def test_snapshot_names_are_recognisable(self):
-        self.assertEqual('snapworker-1234', rbd_source.snap_name('1234'))
-        self.assertTrue(rbd_source.snap_name('x').startswith(
-            rbd_source.SNAP_PREFIX))
+
+
+class RbdCleanupTestCase(testtools.TestCase):
+    """Every cleanup step runs, whichever failed before it."""
+
+    def test_close_shuts_down_even_if_the_pool_does_not_close(self):
+        source = rbd_source.RbdSource('vms', 'uuid_disk', CONF)
+        source.ioctx = mock.Mock(**{'close.side_effect': OSError('gone')})
+        source.conn = conn = mock.Mock()
+        with self.assertLogs(rbd_source.LOG.logger, 'ERROR'):
+            source.close()
+        conn.shutdown.assert_called_once_with()
+        self.assertIsNone(source.ioctx)
+        source.close()
+        conn.shutdown.assert_called_once_with()
+
+    def test_clone_plan_cleanup_steps_are_isolated(self):
+        source = rbd_source.RbdSource('vms', 'uuid_disk', CONF)
+        source.ioctx = mock.Mock()
+        plan = rbd_source.ClonePlan('raw', 'why', source, 'images', 'sync')
+        plan._clone = 'image-id'
+        plan._snap = 'snapworker-image-id'
+        plan._glance_ioctx = glance_ioctx = mock.Mock(
+            **{'close.side_effect': OSError('gone')})
+        removed = []
+
+        def remove_image(ioctx, name):
+            removed.append(name)
+            raise OSError('clone busy')
+
+        def remove_snapshot(ioctx, name, snap):
+            removed.append(f'{name}@{snap}')
+            raise OSError('snapshot busy')
+
+        with mock.patch.object(ceph, 'remove_image', remove_image), \
+                mock.patch.object(ceph, 'remove_snapshot', remove_snapshot), \
+                self.assertLogs(rbd_source.LOG.logger, 'ERROR') as logs:
+            plan.cleanup()
+        self.assertEqual(['image-id', 'uuid_disk@snapworker-image-id'],
+                         removed)
+        glance_ioctx.close.assert_called_once_with()
+        self.assertEqual(3, len(logs.records))
+        self.assertIn('vms/uuid_disk@snapworker-image-id', logs.output[1])
+        # Nothing is tried twice.
+        plan.cleanup()
+        self.assertEqual(2, len(removed))
 
 
 class RbdViewExtentsTestCase(testtools.TestCase):
     """diff_iterate callbacks become contiguous, covering extents."""
 
     def _view(self, size, reported):
-        view = rbd_source.RbdView.__new__(rbd_source.RbdView)
-        view.bytes_read = 0
-        view._size = size
-
         class Image:
+            closed = False
+
+            def size(self):
+                return size
+
             def diff_iterate(self, offset, length, from_snapshot, cb,
                              include_parent, whole_object):
                 assert include_parent and whole_object
                 for ext in reported:
                     cb(*ext)
 
-        view._image = Image()
-        return view
+            def read(self, offset, length):
+                return bytes(length)
+
+            def close(self):
+                self.closed = True
+
+        return rbd_stream.RbdView(Image())
 
     def test_holes_filled_and_neighbours_merged(self):
         mib = 1 << 20
@@ -165,3 +235,11 @@ class RbdViewExtentsTestCase(testtools.TestCase):
         view = self._view(5000, [])
         self.assertEqual([(0, 5000, False)],
                          [tuple(e) for e in view.extents()])
+
+    def test_reads_counted_and_image_closed_once(self):
+        with self._view(5000, []) as view:
+            image = view._image
+            self.assertEqual(bytes(100), view.pread(10, 100))
+            self.assertEqual(100, view.bytes_read)
+        self.assertTrue(image.closed)
+        view.close()
