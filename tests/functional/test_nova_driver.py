@@ -467,8 +467,10 @@ class NovaDriverRbdTest(rbd_helpers.RbdTestMixin, NovaComputeTestBase):
         image_id = self.create_image()
 
         # Nova's default images_type: the delegated path does not need
-        # Nova's rbd image backend, only the domain XML.
-        result = self.nova_snapshot('snapworker', instance_uuid, image_id)
+        # Nova's rbd image backend, only the domain XML. (Events, not the
+        # status poll: see the running instance's test.)
+        result = self.nova_snapshot('snapworker', instance_uuid, image_id,
+                                    status_poll_interval=30)
 
         # Nova's direct_snapshot clones only a disk that is itself a clone
         # of a Glance image; this one is not, so Nova falls back to
@@ -512,8 +514,12 @@ class NovaDriverRbdTest(rbd_helpers.RbdTestMixin, NovaComputeTestBase):
         image_id = self.create_image()
 
         # A real RBD compute host's nova.conf; still Nova's backend unused.
+        # The test follows the events: Glance reports a clone active
+        # before the worker has closed its Ceph connection and sent the
+        # end event, and a 2 s status poll would end the wait first.
         result = self.nova_snapshot('snapworker', instance_uuid, image_id,
-                                    libvirt_opts=self.rbd_libvirt_opts())
+                                    libvirt_opts=self.rbd_libvirt_opts(),
+                                    status_poll_interval=30)
 
         self.assertIsNone(result['error'], self.worker.log_tail())
         steps = [s for s in self.steps(result)
