@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import fixtures
@@ -272,6 +273,15 @@ class FunctionalTestCase(testtools.TestCase):
             self.fail(f'no final event for {image_id}; worker log:\n'
                       f'{self.worker.log_tail()}')
         return received
+
+    def wait_for(self, predicate, what, timeout=60):
+        """Poll ``predicate`` until true; fail with the worker's log."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f'timed out waiting for {what}\n'
+                          f'{self.worker.log_tail()}')
+            time.sleep(0.05)
 
     def assertNoHelperLeft(self):
         """No qemu-img or qemu-nbd is left in the worker's process tree."""

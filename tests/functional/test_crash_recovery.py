@@ -10,7 +10,6 @@ image deleted, and one ``snapshot.create.error`` (``WorkerRestarted``).
 
 import os
 import signal
-import time
 
 import rbd
 
@@ -34,14 +33,6 @@ class CrashRecoveryTestCase(base.FunctionalTestCase):
     def journal_records(self):
         return sorted(name for name in os.listdir(self.journal_dir)
                       if name.endswith('.json'))
-
-    def wait_for(self, predicate, what, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                self.fail(f'timed out waiting for {what}\n'
-                          f'{self.worker.log_tail()}')
-            time.sleep(0.01)
 
     def start_snapshot(self, sub, instance_uuid, image_id, target_format):
         self.api.create_snapshot(self.context, self.worker.host,
