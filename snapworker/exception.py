@@ -139,6 +139,10 @@ class WorkerStopping(SnapshotError):
                '{instance_uuid} started.')
 
 
+class Cancelled(SnapshotError):
+    msg_fmt = 'The snapshot into image {image_id} was cancelled by {by}.'
+
+
 class StaleRequest(SnapshotError):
     msg_fmt = ('The request for image {image_id} was sent {age} s ago, more '
                'than [worker] max_request_age ({limit} s): whoever sent it '

@@ -154,11 +154,49 @@ class SnapshotManager:
         future.add_done_callback(self._forget)
 
     def get_status(self, context):
-        """This worker's version and jobs; see rpcapi.get_status."""
+        """This worker's version and jobs; see rpcapi.get_status.
+
+        Anyone may learn that the worker is alive and its version; the
+        jobs (other projects' instances and images) only an admin.
+        """
         with self._lock:
-            return {'version': RPC_API_VERSION, 'host': self._conf.host,
-                    'running': [j.describe() for j in self._running],
-                    'queued': [j.describe() for j in self._queued]}
+            status = {'version': RPC_API_VERSION, 'host': self._conf.host,
+                      'running': len(self._running),
+                      'queued': len(self._queued)}
+            if _is_admin(context):
+                status['jobs'] = (
+                    [dict(j.describe(), state='running')
+                     for j in self._running]
+                    + [dict(j.describe(), state='queued')
+                       for j in self._queued])
+            return status
+
+    def cancel_snapshot(self, context, image_id):
+        """Stop one queued or running snapshot (admin only; RPC 1.1).
+
+        The job ends as any failed one does (its resources released, the
+        image it claimed deleted) with ``snapshot.create.error``
+        ``Cancelled``; a running one stops at its next read or helper
+        check, within a chunk or a second.
+
+        :returns: ``{'cancelled': bool, 'state': 'queued' | 'running' |
+            None, 'reason': ...}``.
+        """
+        if not _is_admin(context):
+            return {'cancelled': False, 'state': None,
+                    'reason': 'cancelling a snapshot needs the admin role'}
+        with self._lock:
+            for state, jobs in (('running', self._running),
+                                ('queued', self._queued)):
+                for job in jobs:
+                    if job.image_id == image_id:
+                        job.cancel(getattr(context, 'user_id', None))
+                        LOG.info('Snapshot into image %s (%s) cancelled',
+                                 image_id, state)
+                        return {'cancelled': True, 'state': state,
+                                'reason': None}
+        return {'cancelled': False, 'state': None,
+                'reason': f'no snapshot into image {image_id} on this host'}
 
     def _forget(self, future):
         with self._lock:
@@ -262,6 +300,8 @@ class SnapshotManager:
             if stopping:
                 job.fail_unstarted(exception.WorkerStopping(
                     instance_uuid=job.instance_uuid))
+            elif job.cancelled is not None:
+                job.fail_unstarted(job.cancelled)
             elif age is not None:
                 # Nova gave up on it long ago and deleted (or will delete)
                 # the image: fail it without touching the image.
@@ -301,6 +341,10 @@ class SnapshotManager:
                 step()
             except Exception:
                 LOG.exception('Stopping the %s failed', what)
+
+
+def _is_admin(context):
+    return 'admin' in (getattr(context, 'roles', None) or [])
 
 
 def _load_context(context_dict):

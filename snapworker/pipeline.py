@@ -96,6 +96,18 @@ class SnapshotJob(sources_base.PlanContext):
         self._sent_digest = None
         #: The Glance store uploads go to (None: Glance's default).
         self._store = None
+        #: A ``Cancelled`` error once an admin cancelled the job.
+        self.cancelled = None
+
+    def cancel(self, by=None):
+        """Ask the job to stop: checked at every read and helper poll."""
+        self.cancelled = exception.Cancelled(image_id=self.image_id,
+                                             by=by or 'an admin')
+
+    def check_cancelled(self):
+        """:raises Cancelled: the job was cancelled."""
+        if self.cancelled is not None:
+            raise self.cancelled
 
     def describe(self):
         """What ``get_status`` reports about this job."""
@@ -116,6 +128,7 @@ class SnapshotJob(sources_base.PlanContext):
         self.payload.bytes_total = body.size
 
         def on_progress(bytes_out):
+            self.check_cancelled()
             self.payload.bytes_uploaded = bytes_out
             self._emitter.progress()
 
@@ -225,6 +238,7 @@ class SnapshotJob(sources_base.PlanContext):
             self._record.begin()
 
     def _steps(self):
+        self.check_cancelled()
         self._claim_image()
         if self._request_error:
             raise exception.InvalidRequest(reason=self._request_error)
@@ -248,6 +262,7 @@ class SnapshotJob(sources_base.PlanContext):
         self._plan = plan = source.plan(target_format, stores,
                                         release_first=release_first)
         self._describe(facts, plan)
+        self.check_cancelled()
         self._emitter.start()
         self._held_since = self._clock()
         result = plan.run(self)

@@ -54,7 +54,7 @@ def confined(argv, conf, new_session=True):
     return ['setsid', *wrapped] if new_session else wrapped
 
 
-def run_counting_reads(argv, conf, what):
+def run_counting_reads(argv, conf, what, check=None):
     """Run a confined helper to completion; return the bytes it read.
 
     The count is the child's ``rchar`` from /proc/<pid>/io, read after it
@@ -63,6 +63,8 @@ def run_counting_reads(argv, conf, what):
     ``bytes_read`` honestly. The same counters, with ``wchar``, tell
     whether it still makes progress.
 
+    :param check: called while waiting; what it raises (the job was
+        cancelled) kills the helper and propagates.
     :raises HelperTimedOut: no I/O for ``helper_stall_timeout`` seconds.
     :raises CommandFailed: it exited non-zero (or was killed by a limit).
     """
@@ -75,7 +77,7 @@ def run_counting_reads(argv, conf, what):
             raise exception.CommandFailed(command=argv[0], code=None,
                                           stderr=str(e)) from e
         try:
-            counters = _wait_with_progress(pid, stall, what)
+            counters = _wait_with_progress(pid, stall, what, check)
             rchar = counters[0]
         finally:
             _, status = _reap(pid)
@@ -101,10 +103,16 @@ def _spawn(argv, err):
         os.close(devnull)
 
 
-def _wait_with_progress(pid, stall, what):
+def _wait_with_progress(pid, stall, what, check=None):
     """Wait for ``pid`` to exit (unreaped); kill it if its I/O stalls."""
     last, moved_at = None, time.monotonic()
     while True:
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                kill_group(pid)
+                raise
         if os.waitid(os.P_PID, pid,
                      os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
             return _io_counters(pid)

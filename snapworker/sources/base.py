@@ -31,6 +31,7 @@ which writes a file) and may call only what that class declares::
     ctx.source_released()            # the disk is no longer needed
     ctx.add_scratch_bytes(n)         # truthful scratch accounting
     ctx.add_bytes_read(n)
+    ctx.check_cancelled()            # while waiting on a helper
     ctx.track(kind, ref)             # before creating a resource
     ctx.handed_over(kind, ref, to, **details)   # someone else owns it now
 
@@ -133,6 +134,10 @@ class PlanContext(abc.ABC):
 
     def add_scratch_bytes(self, n):
         self.scratch_bytes += n
+
+    def check_cancelled(self):
+        """Raise ``Cancelled`` if the job was cancelled; plans that wait
+        on a helper call it while they wait."""
 
 
 @dataclasses.dataclass(frozen=True)

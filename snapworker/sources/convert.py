@@ -93,7 +93,7 @@ class ConvertPlan(base.Plan):
             ['qemu-img', 'convert', '-t', 'none', '-O', self.target_format,
              *(('-r', str(rate)) if rate else ()), *self._extra_args, spec,
              copy],
-            self._conf, what='qemu-img convert')
+            self._conf, what='qemu-img convert', check=ctx.check_cancelled)
         ctx.add_bytes_read(read)
         ctx.add_scratch_bytes(os.stat(copy).st_blocks * 512)
         ctx.source_released()

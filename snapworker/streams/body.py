@@ -173,21 +173,23 @@ class CountingBody:
         return self.stream.size
 
     def read(self, n: int = -1) -> bytes:
+        # Whatever fails here (the source, a callback that cancels the
+        # job) is kept: the HTTP stack wraps it in a connection error.
         try:
             data = self.stream.read(n)
+            if self.throttle is not None:
+                read = self.stream.bytes_read
+                self.throttle(read - self._source_bytes)
+                self._source_bytes = read
+            if data:
+                self.bytes_out += len(data)
+                if self.digest is not None:
+                    self.digest.update(data)
+                if self.on_progress is not None:
+                    self.on_progress(self.bytes_out)
         except Exception as e:
             self.read_error = e
             raise
-        if self.throttle is not None:
-            read = self.stream.bytes_read
-            self.throttle(read - self._source_bytes)
-            self._source_bytes = read
-        if data:
-            self.bytes_out += len(data)
-            if self.digest is not None:
-                self.digest.update(data)
-            if self.on_progress is not None:
-                self.on_progress(self.bytes_out)
         return data
 
     def close(self) -> None:

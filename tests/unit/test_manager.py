@@ -312,3 +312,43 @@ class ManagerTestCase(testtools.TestCase):
         events = self._events_until_final()
         self.assertEqual(notifications.END, events[-1][0])
         self.assertTrue(events[-1][1]['data_verified'])
+
+    # -- operators: status and cancel ------------------------------------
+
+    def test_status_and_cancel_of_queued_and_running_jobs(self):
+        self._restart_with(max_concurrent=1)
+        gate = threading.Event()
+        self.images.upload_gate = gate
+        path = self._disk(size='64M')
+        running = self._request(path)[1]
+        queued = self._request(path)[1]
+        self.assertEqual(notifications.START,
+                         self.collector.events.get(timeout=10)[0])
+        admin = o_context.RequestContext(user_id='ops', project_id='p',
+                                         roles=['admin'])
+        status = self.manager.get_status(self.context)
+        self.assertEqual((1, 1, None), (status['running'], status['queued'],
+                                        status.get('jobs')))
+        jobs = self.manager.get_status(admin)['jobs']
+        self.assertEqual([(running, 'running'), (queued, 'queued')],
+                         [(j['image_id'], j['state']) for j in jobs])
+        # Only an admin may cancel.
+        self.assertFalse(self.manager.cancel_snapshot(
+            self.context, queued)['cancelled'])
+        for image in (queued, running):
+            self.assertTrue(self.manager.cancel_snapshot(
+                admin, image)['cancelled'])
+        gate.set()
+        outcome = {}
+        while len(outcome) < 2:
+            event_type, payload = self.collector.events.get(timeout=10)
+            if event_type in notifications.FINAL:
+                outcome[payload['image_id']] = (event_type,
+                                                payload['error_code'])
+        for image in (running, queued):
+            self.assertEqual((notifications.ERROR, 'Cancelled'),
+                             outcome[image])
+        self.assertEqual(sorted([running, queued]),
+                         sorted(self.images.deleted))
+        self.assertFalse(self.manager.cancel_snapshot(
+            admin, running)['cancelled'])
