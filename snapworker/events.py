@@ -21,7 +21,7 @@ import kombu
 import oslo_messaging as messaging
 
 from snapworker import notifications
-from snapworker import rpc  # noqa: F401 (registers messaging options)
+from snapworker import rpc
 
 _ENVELOPE_KEY = 'oslo.message'
 
@@ -72,6 +72,7 @@ class Subscription:
     """
 
     def __init__(self, conf, image_id=None, publisher_prefix='snapworker:'):
+        rpc.register_opts(conf)
         rabbit = conf.oslo_messaging_rabbit
         self._image_id = image_id
         self._publisher_prefix = publisher_prefix

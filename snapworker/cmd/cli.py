@@ -25,6 +25,7 @@ from oslo_context import context as o_context
 from snapworker import events
 from snapworker import exception
 from snapworker import notifications
+from snapworker import rpc
 from snapworker import rpcapi
 from snapworker.conf import CONF
 from snapworker.sources import file as file_source
@@ -45,9 +46,15 @@ def _context(args):
         roles=args.roles.split(',') if args.roles else [])
 
 
+def _api():
+    return rpcapi.SnapworkerAPI(
+        rpc.get_transport(CONF), topic=CONF.worker.topic,
+        version_cap=CONF.upgrade_levels.snapworker)
+
+
 def cmd_snapshot(args, out):
     with events.Subscription(CONF, image_id=args.image_id) as sub:
-        rpcapi.SnapworkerAPI().create_snapshot(
+        _api().create_snapshot(
             _context(args), args.host, args.instance_uuid, args.image_id,
             target_format=args.format)
         last = None

@@ -213,16 +213,18 @@ class InstallTest(testtools.TestCase):
 class ConfTest(testtools.TestCase):
 
     def test_options_in_snapworker_group(self):
-        ((group, opts),) = nova_conf.list_opts()
+        ((group, opts), (levels, cap)) = nova_conf.list_opts()
 
         self.assertEqual('snapworker', group.name)
+        self.assertEqual(('upgrade_levels', ['snapworker']),
+                         (levels, [o.name for o in cap]))
         self.assertEqual(
             {'topic', 'disk_types', 'accept_timeout', 'timeout_base',
              'timeout_per_gib', 'status_poll_interval'},
             {opt.name for opt in opts})
 
     def test_disk_types_default_to_every_type_the_worker_reads(self):
-        ((_group, opts),) = nova_conf.list_opts()
+        ((_group, opts), _levels) = nova_conf.list_opts()
         disk_types = next(o for o in opts if o.name == 'disk_types')
 
         self.assertEqual(['qcow2', 'raw', 'rbd', 'lvm'], disk_types.default)
