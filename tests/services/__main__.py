@@ -10,8 +10,10 @@ file, so starting and stopping can happen in different processes (a test
 runner, a demo script, a developer's shell).
 
 RabbitMQ is only ensured, never stopped: it is a shared machine service.
-With ``--with-ceph`` a single-node Ceph cluster starts first and both
-Glances also get a ``ceph`` rbd store on its ``images`` pool.
+A private three-node RabbitMQ cluster (``rabbitmq_cluster``), for the tests
+that stop a broker node, starts beside Glance and libvirtd. With
+``--with-ceph`` a single-node Ceph cluster starts first and both Glances
+also get a ``ceph`` rbd store on its ``images`` pool.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from tests import services
 from tests.services import glance
 from tests.services import libvirtd
 from tests.services import rabbitmq
+from tests.services import rabbitmq_cluster
 
 STATE_FILE = "services.json"
 
@@ -34,6 +37,7 @@ _MODULES = {
     "glance": "tests.services.glance",
     "glance_noauth": "tests.services.glance",
     "libvirtd": "tests.services.libvirtd",
+    "rabbit_cluster": "tests.services.rabbitmq_cluster",
     "ceph": "tests.services.ceph",
 }
 
@@ -74,7 +78,8 @@ def up(state_dir, with_ceph):
 
 
 def _start_in_parallel(state_dir, rbd, started):
-    """Start both Glances and libvirtd at once, adding each to started.
+    """Start both Glances, libvirtd and the RabbitMQ cluster at once,
+    adding each to started.
 
     Every handle that did start is recorded before the first failure is
     re-raised, so the caller can stop it.
@@ -85,6 +90,8 @@ def _start_in_parallel(state_dir, rbd, started):
                           os.path.join(state_dir, "glance-noauth"), rbd,
                           "unauthenticated"),
         "libvirtd": (libvirtd.start, state_dir),
+        "rabbit_cluster": (rabbitmq_cluster.start,
+                           os.path.join(state_dir, "rabbit-cluster")),
     }
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_timed, name, *job)
