@@ -135,7 +135,25 @@ class SnapshotWaiter:
     def _event_phase(self, event):
         if event.event_type == notifications.ERROR:
             raise self._failure(event.payload)
+        if event.event_type == notifications.REFUSED:
+            return self._refused_phase(event.payload)
         return event.event_type, event.payload
+
+    def _refused_phase(self, payload):
+        """The worker left this request alone; Glance says where it stands.
+
+        A duplicate delivery of a request in progress (``SnapshotInProgress``)
+        is refused while the first one goes on: keep waiting for it. An
+        image already active (another delivery filled it) is a success;
+        any other refusal (the image is gone, another project's, filled by
+        someone else) fails the snapshot.
+        """
+        phase = self._polled_phase()
+        if phase == notifications.END:
+            return phase, {}
+        if payload.get('error_code') == 'SnapshotInProgress':
+            return phase, {}
+        raise self._failure(payload)
 
     def _polled_phase(self):
         """What the image's status says when the events went quiet.

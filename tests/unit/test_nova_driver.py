@@ -240,6 +240,34 @@ class SnapshotWaiterTest(testtools.TestCase):
         self.assertRaises(exception.WorkerNotResponding, self.wait,
                           *[BrokenPipeError(32, 'Broken pipe')] * 6)
 
+    def test_refused_duplicate_keeps_waiting_for_the_first(self):
+        self.statuses.extend(['saving'])
+
+        self.wait(event(notifications.REFUSED,
+                        error_code='SnapshotInProgress'),
+                  event(notifications.END))
+
+        self.assertEqual(['poll', 'started'], self.calls)
+
+    def test_refused_but_active_is_done(self):
+        self.statuses.extend(['active'])
+
+        self.wait(event(notifications.REFUSED, error_code='ImageNotQueued'))
+
+        self.assertEqual(['poll', 'started'], self.calls)
+
+    def test_refusals_fail_the_snapshot(self):
+        self.statuses.extend(['queued', 'deleted'])
+
+        e = self.assertRaises(
+            exception.SnapshotOffloadFailed, self.wait,
+            event(notifications.REFUSED, error_code='ImageNotOwned',
+                  error_message='another project'))
+        self.assertIn('ImageNotOwned: another project', str(e))
+        self.assertRaises(
+            nova_exception.ImageNotFound, self.wait,
+            event(notifications.REFUSED, error_code='ImageNotFound'))
+
     def test_waits_no_longer_than_poll_interval(self):
         sub = self.wait(None, None, event(notifications.END))
 
