@@ -12,7 +12,8 @@
 
 Every command reads the same configuration files as the worker
 (``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
-snapshot ended active, 1 on an error notification, 2 on a timeout.
+snapshot ended active, 1 on an error or refused notification, 2 on a
+timeout.
 
 ``snapshot`` and ``watch`` outlive a broker restart or the failure of one
 node of a cluster: the subscription reconnects (a note goes to stderr), but
@@ -85,8 +86,7 @@ def cmd_snapshot(args, out):
             _print_event(last, out)
         notes()
         gaps = sub.disconnections
-    if last is None or last.event_type not in (notifications.END,
-                                               notifications.ERROR):
+    if last is None or last.event_type not in notifications.FINAL:
         lost = (f' ({gaps} broker connection loss(es): the outcome may '
                 f'have been published meanwhile; the image status in '
                 f'Glance tells)' if gaps else '')
