@@ -23,7 +23,7 @@ group = cfg.OptGroup(
 
 opts = [
     cfg.StrOpt('topic',
-               default='snapworker',
+               default=rpcapi.DEFAULT_TOPIC,
                help='RPC topic of the workers: the worker\'s [worker] '
                     'topic. Requests go to the worker whose host is this '
                     'nova-compute\'s ``host``.'),
