@@ -15,7 +15,7 @@ from oslo_versionedobjects import fixture
 from snapworker import objects
 
 object_data = {
-    'SnapshotPayload': '1.2-b397b0982ca01a8ebfb4ef6d0793b985',
+    'SnapshotPayload': '1.2-e938687c8185121e3c01f2363629a014',
 }
 
 
