@@ -74,6 +74,7 @@ import rbd  # noqa: E402
 from oslo_context import context as o_context  # noqa: E402
 
 from snapworker import events  # noqa: E402
+from snapworker import rpc  # noqa: E402
 from snapworker import rpcapi  # noqa: E402
 from snapworker.conf import CONF  # noqa: E402
 from tests.functional import base as fbase  # noqa: E402
@@ -211,7 +212,8 @@ class Bench:
             url=services['glance_url'], state_dir='', log_path='', pid=0,
             pipeline='trusted-headers').client()
         self.libvirt = libvirt.open(services['libvirt_uri'])
-        self.api = rpcapi.SnapworkerAPI()
+        self.api = rpcapi.SnapworkerAPI(rpc.get_transport(CONF),
+                                        topic=CONF.worker.topic)
         self.context = o_context.RequestContext(
             user_id=glance_service.IDENTITY_HEADERS['X-User-Id'],
             project_id=glance_service.IDENTITY_HEADERS['X-Project-Id'],

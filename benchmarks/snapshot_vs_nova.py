@@ -560,12 +560,14 @@ class Worker:
         child runs this same file and must not register snapworker's
         options before Nova's.
         """
+        from snapworker import rpc
         from snapworker import rpcapi
         from snapworker.conf import CONF
 
         self.process.start()
         CONF(['--config-file', self.conf_path], project='snapworker')
-        self.api = rpcapi.SnapworkerAPI()
+        self.api = rpcapi.SnapworkerAPI(rpc.get_transport(CONF),
+                                        topic=CONF.worker.topic)
 
     def snapshot(self, instance_uuid, image_id, target_format):
         """Cast, then follow the image's events to the end; measure it."""

@@ -3,6 +3,10 @@
 The context crosses the wire in the shape Nova's ``RequestContextSerializer``
 produces (``context.to_dict()``), so nova-compute can cast with its own
 context and the worker acts as that user towards Glance.
+
+Part of the light client (see ``rpcapi``): nothing here reads or registers
+an option at import time, and the configuration object is always passed
+in, so nova-compute can use this module with its own CONF.
 """
 
 import oslo_messaging as messaging
@@ -10,14 +14,15 @@ from oslo_context import context as o_context
 from oslo_messaging import opts as messaging_opts
 from oslo_versionedobjects import base as ovo_base
 
-from snapworker.conf import CONF
 
-
-def register_opts(conf=CONF):
-    """Register oslo.messaging's options before any transport exists.
+def register_opts(conf):
+    """Register oslo.messaging's own options, before any transport exists.
 
     The events subscriber and the CLI read them (transport_url,
-    control_exchange, notification topics) without creating a transport.
+    control_exchange, notification topics, rabbit TLS settings) without
+    creating a transport, which is what would otherwise register them.
+    Registering them again where oslo.messaging already did (nova-compute)
+    changes nothing: they are the same options.
     """
     for group, opts in messaging_opts.list_opts():
         conf.register_opts(opts, group=group)
@@ -46,12 +51,9 @@ class RequestContextSerializer(messaging.Serializer):
         return ctx
 
 
-def get_transport(conf=CONF):
+def get_transport(conf):
     return messaging.get_rpc_transport(conf)
 
 
-def get_notification_transport(conf=CONF):
+def get_notification_transport(conf):
     return messaging.get_notification_transport(conf)
-
-
-register_opts()

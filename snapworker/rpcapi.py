@@ -3,15 +3,73 @@
 This is what nova-compute (through ``snapworker.nova``) and the operator CLI
 import. The worker of a host reads that host's local disks, so every
 request is addressed to one host's worker.
+
+It is part of the light client with ``events`` and ``snapworker.nova``:
+it imports nothing of the worker's configuration and reads no option
+itself. The caller passes the transport, the topic and the version cap
+from its own configuration (nova.conf or snapworker.conf), and registers
+``[upgrade_levels] snapworker`` with ``register_opts`` when it wants it.
 """
 
 import oslo_messaging as messaging
+from oslo_config import cfg
 
 from snapworker import rpc
-from snapworker.conf import CONF
 
-#: The highest version the manager of this release answers.
-RPC_API_VERSION = '1.0'
+#: The highest version this client speaks; keep in sync with the manager's
+#: ``RPC_API_VERSION`` (snapworker/manager.py).
+RPC_API_VERSION = '1.1'
+
+#: The default of both ``[worker] topic`` and nova.conf's
+#: ``[snapworker] topic``.
+DEFAULT_TOPIC = 'snapworker'
+
+UPGRADE_LEVELS_GROUP = 'upgrade_levels'
+
+opts = [
+    cfg.StrOpt('snapworker',
+               regex=r'^\d+\.\d+$',
+               help='Highest snapworker RPC API version to send, such as '
+                    '``1.0``. Set it to the version of the oldest '
+                    'snapworker-worker still running while workers are '
+                    'upgraded after their clients (nova-compute, the '
+                    'snapworker CLI): newer arguments are then left out '
+                    'and newer calls refused by the client, instead of '
+                    'being rejected by an old worker that cannot answer '
+                    'a cast. Unset: the newest version this client '
+                    'knows.'),
+]
+
+
+def register_opts(conf):
+    """Register ``[upgrade_levels] snapworker`` on ``conf``.
+
+    By group name, so that it joins the ``[upgrade_levels]`` group Nova
+    already has in nova-compute.
+    """
+    conf.register_opts(opts, group=UPGRADE_LEVELS_GROUP)
+
+
+def list_opts():
+    return [(UPGRADE_LEVELS_GROUP, opts)]
+
+
+class VersionCapError(messaging.RPCVersionCapError):
+    """A method or argument needs a version the cap forbids.
+
+    Raised by the client before anything is sent: the worker this cap
+    describes could not answer it.
+    """
+
+    def __init__(self, method, version, version_cap):
+        messaging.MessagingException.__init__(
+            self, f'{method} needs snapworker RPC API {version}, but '
+                  f'[upgrade_levels] snapworker caps this client at '
+                  f'{version_cap}: the workers are too old for it; raise '
+                  f'the cap once every worker is upgraded.')
+        self.method = method
+        self.version = version
+        self.version_cap = version_cap
 
 
 class SnapworkerAPI:
@@ -20,26 +78,37 @@ class SnapworkerAPI:
     API version history:
 
     | 1.0 - Initial version: create_snapshot (cast).
+    | 1.1 - create_snapshot takes max_virtual_size; added get_status
+    |       (call).
 
     Adding a method or an optional argument is a minor bump: the client
     checks ``can_send_version()`` before sending the new form, so a newer
-    nova-compute keeps working with an older worker during an upgrade.
+    nova-compute keeps working with an older worker during an upgrade as
+    long as ``[upgrade_levels] snapworker`` caps it at that worker's
+    version.
+
+    :param transport: the RPC transport to send on (nova-compute's own,
+        or one made from snapworker.conf by the CLI).
+    :param topic: the workers' topic (``[worker] topic``).
+    :param version_cap: the highest version to send, usually
+        ``conf.upgrade_levels.snapworker``; None for ``RPC_API_VERSION``.
     """
 
-    def __init__(self, topic=None, transport=None):
-        self.topic = topic or CONF.worker.topic
+    def __init__(self, transport, topic=DEFAULT_TOPIC, version_cap=None):
+        self.topic = topic
         target = messaging.Target(topic=self.topic,
                                   version=RPC_API_VERSION)
         self.client = messaging.get_rpc_client(
-            transport or rpc.get_transport(), target,
+            transport, target, version_cap=version_cap,
             serializer=rpc.RequestContextSerializer())
 
-    def _prepare_call(self, host, version='1.0'):
+    def _prepare_call(self, host, version, timeout=None):
         """Address one host's worker with the version the call needs."""
-        return self.client.prepare(server=host, version=version)
+        kwargs = {} if timeout is None else {'timeout': timeout}
+        return self.client.prepare(server=host, version=version, **kwargs)
 
     def create_snapshot(self, context, host, instance_uuid, image_id,
-                        target_format=None):
+                        target_format=None, max_virtual_size=None):
         """Snapshot a shut-off instance's root disk into a Glance image.
 
         Asynchronous (a cast): the outcome arrives as notifications about
@@ -57,8 +126,45 @@ class SnapworkerAPI:
             filled with the snapshot (Nova's API creates it).
         :param target_format: ``raw`` or ``qcow2``; None keeps the source
             disk's format.
+        :param max_virtual_size: (1.1) the largest root disk, in bytes,
+            that Nova gave the instance (its flavor's ``root_gb``), or
+            None when Nova sets no bound. Sent as a 1.1 request when the
+            version cap allows it; capped at 1.0, or None, the request is
+            a 1.0 one and the worker checks no bound.
         """
-        cctxt = self._prepare_call(host)
-        cctxt.cast(context, 'create_snapshot',
-                   instance_uuid=instance_uuid, image_id=image_id,
-                   target_format=target_format)
+        kwargs = {'instance_uuid': instance_uuid, 'image_id': image_id,
+                  'target_format': target_format}
+        version = '1.0'
+        # Without a bound the request says nothing a 1.0 worker cannot
+        # hear, so it goes in the form every worker takes.
+        if (max_virtual_size is not None
+                and self.client.can_send_version('1.1')):
+            version = '1.1'
+            kwargs['max_virtual_size'] = max_virtual_size
+        cctxt = self._prepare_call(host, version)
+        cctxt.cast(context, 'create_snapshot', **kwargs)
+
+    def get_status(self, context, host, timeout=None):
+        """What one host's worker is doing (1.1).
+
+        Synchronous (a call): it answers only if the worker runs, so it
+        also tells whether a worker listens for ``host`` at all.
+
+        :param context: request context.
+        :param host: the compute host whose worker is asked.
+        :param timeout: seconds to wait for the answer; None for the
+            transport's ``rpc_response_timeout``.
+        :returns: a dict such as ``{'version': '1.1', 'host': 'compute-1',
+            'running': [...], 'queued': [...]}``: the worker's RPC API
+            version, its host and the snapshots it is running and holding
+            in its queue.
+        :raises VersionCapError: ``[upgrade_levels] snapworker`` is below
+            1.1 (nothing is sent).
+        :raises oslo_messaging.MessagingTimeout: no worker answered in
+            time.
+        """
+        if not self.client.can_send_version('1.1'):
+            raise VersionCapError('get_status', '1.1',
+                                  self.client.version_cap)
+        cctxt = self._prepare_call(host, '1.1', timeout=timeout)
+        return cctxt.call(context, 'get_status')

@@ -12,7 +12,12 @@
 
 Every command reads the same configuration files as the worker
 (``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
-snapshot ended active, 1 on an error notification, 2 on a timeout.
+snapshot ended active, 1 on an error or refused notification, 2 on a
+timeout.
+
+``snapshot`` and ``watch`` outlive a broker restart or the failure of one
+node of a cluster: the subscription reconnects (a note goes to stderr), but
+what was published meanwhile is not seen.
 """
 
 import argparse
@@ -25,6 +30,7 @@ from oslo_context import context as o_context
 from snapworker import events
 from snapworker import exception
 from snapworker import notifications
+from snapworker import rpc
 from snapworker import rpcapi
 from snapworker.conf import CONF
 from snapworker.sources import file as file_source
@@ -45,26 +51,57 @@ def _context(args):
         roles=args.roles.split(',') if args.roles else [])
 
 
+def _api():
+    return rpcapi.SnapworkerAPI(
+        rpc.get_transport(CONF), topic=CONF.worker.topic,
+        version_cap=CONF.upgrade_levels.snapworker)
+
+
+class _GapNotes:
+    """Tells stderr once per gap that the broker connection was lost."""
+
+    def __init__(self, sub):
+        self._sub = sub
+        self._seen = sub.disconnections
+
+    def __call__(self):
+        if self._sub.disconnections != self._seen:
+            self._seen = self._sub.disconnections
+            where = self._sub.address or 'no broker yet'
+            sys.stderr.write(f'Lost the notification connection; now on '
+                             f'{where}; events published meanwhile are '
+                             f'missed\n')
+            sys.stderr.flush()
+
+
 def cmd_snapshot(args, out):
     with events.Subscription(CONF, image_id=args.image_id) as sub:
-        rpcapi.SnapworkerAPI().create_snapshot(
+        notes = _GapNotes(sub)
+        _api().create_snapshot(
             _context(args), args.host, args.instance_uuid, args.image_id,
             target_format=args.format)
         last = None
         for last in sub.until_finished(args.timeout):
+            notes()
             _print_event(last, out)
-    if last is None or last.event_type not in (notifications.END,
-                                               notifications.ERROR):
+        notes()
+        gaps = sub.disconnections
+    if last is None or last.event_type not in notifications.FINAL:
+        lost = (f' ({gaps} broker connection loss(es): the outcome may '
+                f'have been published meanwhile; the image status in '
+                f'Glance tells)' if gaps else '')
         sys.stderr.write(f'No outcome for image {args.image_id} within '
-                         f'{args.timeout} s\n')
+                         f'{args.timeout} s{lost}\n')
         return 2
     return 0 if last.event_type == notifications.END else 1
 
 
 def cmd_watch(args, out):
     with events.Subscription(CONF, image_id=args.image_id) as sub:
+        notes = _GapNotes(sub)
         while True:
             event = sub.wait(args.timeout)
+            notes()
             if event is None:
                 return 0
             _print_event(event, out)

@@ -3,10 +3,20 @@
 oslo.messaging looks its own options up on the global ``cfg.CONF`` (a
 private ConfigOpts makes RPC calls fail with NoSuchOptError), so snapworker
 registers on the global object too.
+
+This package is the worker's and the operator CLI's only: importing it
+registers the worker's options on the global CONF, which the worker-side
+modules (glance, sources, pipeline) and their tests read. nova-compute
+never imports it: the light client (``rpcapi``, ``events``,
+``snapworker.nova``) takes its settings from nova.conf, and a Nova process
+that imported this anyway would fail loudly with DuplicateOptError on
+``[DEFAULT] host`` rather than quietly share Nova's definition.
 """
 
 from oslo_config import cfg
 
+from snapworker import rpc
+from snapworker import rpcapi
 from snapworker.conf import default
 from snapworker.conf import glance
 from snapworker.conf import rbd
@@ -15,39 +25,17 @@ from snapworker.conf import worker
 CONF = cfg.CONF
 
 
-class _KeepRegistered:
-    """Registers options on a ConfigOpts, keeping same-named ones there.
+def register_opts(conf):
+    """Register every option the worker and the CLI read on ``conf``.
 
-    nova-compute imports snapworker's client side (``snapworker.nova``
-    imports rpcapi, which imports this package) into a process whose
-    global CONF already holds Nova's options, and a few of snapworker's
-    have the same names and meaning: ``[DEFAULT] host`` and
-    ``instances_path``, ``[glance] num_retries``, ``[service_user]
-    send_service_user_token``. oslo.config rejects a second, differently
-    worded definition with DuplicateOptError; the one already registered
-    is the one that process documents and parses, so it is kept. In the
-    worker's own process nothing registers these names first.
+    The worker's own groups, ``[upgrade_levels] snapworker`` (the CLI's
+    RPC client) and oslo.messaging's options, which the CLI and the event
+    subscriber read before any transport registers them.
     """
-
-    def __init__(self, conf):
-        self._conf = conf
-
-    def __getattr__(self, name):
-        return getattr(self._conf, name)
-
-    def __getitem__(self, key):
-        return self._conf[key]
-
-    def register_opt(self, opt, group=None, **kwargs):
-        try:
-            return self._conf.register_opt(opt, group=group, **kwargs)
-        except cfg.DuplicateOptError:
-            return False
-
-    def register_opts(self, opts, group=None):
-        for opt in opts:
-            self.register_opt(opt, group=group)
+    for module in (default, glance, rbd, worker):
+        module.register_opts(conf)
+    rpcapi.register_opts(conf)
+    rpc.register_opts(conf)
 
 
-for _module in (default, glance, rbd, worker):
-    _module.register_opts(_KeepRegistered(CONF))
+register_opts(CONF)

@@ -1,5 +1,6 @@
 """Entry point for oslo-config-generator (namespace ``snapworker``)."""
 
+from snapworker import rpcapi
 from snapworker.conf import default
 from snapworker.conf import glance
 from snapworker.conf import rbd
@@ -13,4 +14,7 @@ def list_opts():
     for module in _MODULES:
         for group, opts in module.list_opts().items():
             grouped.setdefault(group, []).extend(opts)
+    # The CLI's RPC client honours the same version cap as nova-compute's.
+    for group, opts in rpcapi.list_opts():
+        grouped.setdefault(group, []).extend(opts)
     return list(grouped.items())

@@ -16,7 +16,14 @@ Installing it:
        compute_driver = snapworker.SnapworkerLibvirtDriver
 
    and, if the defaults do not fit, the ``[snapworker]`` options
-   (``conf.py``).
+   (``conf.py``). While the workers run an older release than
+   nova-compute, cap the RPC API at theirs::
+
+       [upgrade_levels]
+       snapworker = 1.0
+
+Nothing else of snapworker's configuration enters nova-compute: this
+package, ``rpcapi`` and ``events`` never import ``snapworker.conf``.
 
 What the worker must share with nova-compute, or requests and events
 never meet:

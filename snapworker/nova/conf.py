@@ -1,13 +1,18 @@
-"""Options of the [snapworker] group in nova.conf.
+"""Options of the [snapworker] group in nova.conf, and its RPC version cap.
 
 They configure how nova-compute hands cold snapshots to the worker of its
 own host and how long it waits for it. The worker itself is configured in
 snapworker.conf; the messaging settings the two must share are listed in
 ``snapworker.nova``'s docstring.
+
+These, and ``[upgrade_levels] snapworker`` beside Nova's own version
+caps, are the only options the Nova side adds to nova-compute:
+``register_opts`` is called once, by ``driver.py``.
 """
 
 from oslo_config import cfg
 
+from snapworker import rpcapi
 from snapworker.nova import disks
 
 group = cfg.OptGroup(
@@ -18,7 +23,7 @@ group = cfg.OptGroup(
 
 opts = [
     cfg.StrOpt('topic',
-               default='snapworker',
+               default=rpcapi.DEFAULT_TOPIC,
                help='RPC topic of the workers: the worker\'s [worker] '
                     'topic. Requests go to the worker whose host is this '
                     'nova-compute\'s ``host``.'),
@@ -67,8 +72,9 @@ opts = [
 def register_opts(conf):
     conf.register_group(group)
     conf.register_opts(opts, group=group)
+    rpcapi.register_opts(conf)
 
 
 def list_opts():
     """Entry point for oslo-config-generator (namespace snapworker.nova)."""
-    return [(group, opts)]
+    return [(group, opts)] + rpcapi.list_opts()

@@ -46,6 +46,8 @@ from snapworker.nova import waiter
 LOG = logging.getLogger(__name__)
 
 CONF = nova.conf.CONF
+# The only options this driver adds to nova-compute; none of the worker's
+# (snapworker.conf is the worker's, and nothing here imports it).
 snapworker_conf.register_opts(CONF)
 
 _GIB = 1024 ** 3
@@ -115,7 +117,8 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
             with events.Subscription(CONF, image_id=image_id) as sub:
                 self._snapworker().create_snapshot(
                     context, CONF.host, instance.uuid, image_id,
-                    target_format=image_format)
+                    target_format=image_format,
+                    max_virtual_size=self._max_virtual_size(instance))
                 waiter.SnapshotWaiter(
                     sub, lambda: self._image_status(context, image_id),
                     CONF.snapworker,
@@ -130,6 +133,15 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
         finally:
             resume()
         LOG.info('Snapshot image upload complete', instance=instance)
+
+    @staticmethod
+    def _max_virtual_size(instance):
+        """The largest root disk Nova gave the instance, in bytes.
+
+        The flavor's ``root_gb``; 0 means the disk is as large as the
+        image it booted from, which sets no bound (None).
+        """
+        return instance.root_gb * _GIB if instance.root_gb > 0 else None
 
     def _set_snapshot_metadata(self, context, instance, image_id,
                                image_format):
@@ -160,5 +172,6 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
         """
         if self._snapworker_api is None:
             self._snapworker_api = rpcapi.SnapworkerAPI(
-                topic=CONF.snapworker.topic, transport=nova_rpc.TRANSPORT)
+                nova_rpc.TRANSPORT, topic=CONF.snapworker.topic,
+                version_cap=CONF.upgrade_levels.snapworker)
         return self._snapworker_api

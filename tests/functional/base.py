@@ -27,7 +27,9 @@ import testtools
 from oslo_context import context as o_context
 
 from snapworker import events
+from snapworker import manager
 from snapworker import notifications
+from snapworker import rpc
 from snapworker import rpcapi
 from snapworker.conf import CONF
 from tests.services import __main__ as services_main
@@ -153,7 +155,12 @@ class FunctionalTestCase(testtools.TestCase):
     def setUp(self):
         super().setUp()
         self.useFixture(fixtures.Timeout(300, gentle=True))
-        self.api = rpcapi.SnapworkerAPI()
+        transport = rpc.get_transport(CONF)
+        self.addCleanup(transport.cleanup)
+        # Capped at what this tree's worker answers, as an operator caps
+        # clients that are newer than their workers.
+        self.api = rpcapi.SnapworkerAPI(transport, topic=CONF.worker.topic,
+                                        version_cap=manager.RPC_API_VERSION)
         self.context = o_context.RequestContext(
             user_id=glance_service.IDENTITY_HEADERS['X-User-Id'],
             project_id=glance_service.IDENTITY_HEADERS['X-Project-Id'],

@@ -10,8 +10,10 @@ file, so starting and stopping can happen in different processes (a test
 runner, a demo script, a developer's shell).
 
 RabbitMQ is only ensured, never stopped: it is a shared machine service.
-With ``--with-ceph`` a single-node Ceph cluster starts first and both
-Glances also get a ``ceph`` rbd store on its ``images`` pool.
+A private three-node RabbitMQ cluster (``rabbitmq_cluster``), for the tests
+that stop a broker node, starts beside all the others. With
+``--with-ceph`` a single-node Ceph cluster starts first and both Glances
+also get a ``ceph`` rbd store on its ``images`` pool.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from tests import services
 from tests.services import glance
 from tests.services import libvirtd
 from tests.services import rabbitmq
+from tests.services import rabbitmq_cluster
 
 STATE_FILE = "services.json"
 
@@ -34,6 +37,7 @@ _MODULES = {
     "glance": "tests.services.glance",
     "glance_noauth": "tests.services.glance",
     "libvirtd": "tests.services.libvirtd",
+    "rabbit_cluster": "tests.services.rabbitmq_cluster",
     "ceph": "tests.services.ceph",
 }
 
@@ -47,6 +51,11 @@ def up(state_dir, with_ceph):
             % state_path)
     os.makedirs(state_dir, exist_ok=True)
     started = {}
+    early = concurrent.futures.ThreadPoolExecutor(1)
+    # The slowest to start (~30 s) and needing nothing else: from the
+    # outset, beside Ceph and then the Glances and libvirtd.
+    cluster = early.submit(_timed, "rabbit_cluster", rabbitmq_cluster.start,
+                           os.path.join(state_dir, "rabbit-cluster"))
     try:
         transport_url = _timed("rabbitmq", rabbitmq.ensure_running)
         rbd = None
@@ -57,9 +66,15 @@ def up(state_dir, with_ceph):
                                      os.path.join(state_dir, "ceph"))
             rbd = started["ceph"].glance_rbd()
         _start_in_parallel(state_dir, rbd, started)
+        started["rabbit_cluster"] = cluster.result()
     except BaseException:
+        concurrent.futures.wait([cluster])
+        if cluster.exception() is None:
+            started["rabbit_cluster"] = cluster.result()
         _stop_all({name: h.to_dict() for name, h in started.items()})
         raise
+    finally:
+        early.shutdown()
     state = {
         "transport_url": transport_url,
         "glance_url": started["glance"].url,

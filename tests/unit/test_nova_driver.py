@@ -52,11 +52,26 @@ class FakeSubscription:
         self.waits.append(timeout)
         if self._script:
             item = self._script.popleft()
+            if isinstance(item, BaseException):
+                self._clock.now += 0.1
+                raise item
+            if isinstance(item, Gap):
+                self.disconnections += 1
+                item = item.event
             if item is not None:
                 self._clock.now += 0.1
                 return item
         self._clock.now += timeout
         return None
+
+    disconnections = 0
+
+
+class Gap:
+    """The connection was lost (and regained) before ``event`` came."""
+
+    def __init__(self, event=None):
+        self.event = event
 
 
 def event(event_type, **payload):
@@ -78,14 +93,21 @@ class SnapshotWaiterTest(testtools.TestCase):
         sub = FakeSubscription(self.clock, script)
         w = waiter.SnapshotWaiter(
             sub, self._status, self.conf, IDS, default_size,
-            clock=self.clock)
+            clock=self.clock, sleep=self._sleep)
         w.wait(on_started=lambda: self.calls.append('started'),
                on_released=lambda: self.calls.append('released'))
         return sub
 
     def _status(self):
         self.calls.append('poll')
-        return self.statuses.popleft() if self.statuses else 'queued'
+        status = self.statuses.popleft() if self.statuses else 'queued'
+        if isinstance(status, BaseException):
+            raise status
+        return status
+
+    def _sleep(self, seconds):
+        self.calls.append('sleep')
+        self.clock.now += seconds
 
     def test_events_drive_started_then_released(self):
         self.wait(event(notifications.START, virtual_size=GIB),
@@ -170,6 +192,82 @@ class SnapshotWaiterTest(testtools.TestCase):
 
         self.assertIn('within 120 s', str(e))
 
+    def test_broken_subscription_falls_back_to_glance(self):
+        # What a RabbitMQ restart did to kombu: the waiter must not pass
+        # it on as the snapshot's failure.
+        self.statuses.extend(['saving', 'active'])
+
+        self.wait(BrokenPipeError(32, 'Broken pipe'),
+                  ConnectionResetError(104, 'reset'))
+
+        self.assertEqual(['sleep', 'poll', 'started', 'sleep', 'poll'],
+                         self.calls)
+        # A failing wait still takes its share of time: no busy loop.
+        self.assertAlmostEqual(10.0, self.clock.now)
+
+    def test_reconnected_subscription_asks_glance_at_once(self):
+        # The end event fell into the gap; the first event after it
+        # (here a late progress) triggers the poll that finds the image.
+        self.statuses.extend(['active'])
+
+        sub = self.wait(event(notifications.START, virtual_size=GIB),
+                        Gap(event(notifications.PROGRESS)))
+
+        self.assertEqual(['started', 'poll'], self.calls)
+        self.assertEqual(2, len(sub.waits))
+
+    def test_quiet_gap_polls_once(self):
+        self.statuses.extend(['saving', 'saving', 'active'])
+
+        sub = self.wait(event(notifications.START), Gap(), None)
+
+        # One poll per quiet interval, the gap's included: no extra one.
+        self.assertEqual(['started', 'poll', 'poll', 'poll'], self.calls)
+        self.assertEqual(4, len(sub.waits))
+
+    def test_glance_unreachable_is_no_answer(self):
+        self.statuses.extend([OSError('Glance down'), 'saving',
+                              RuntimeError('500'), 'active'])
+
+        self.wait(None, None, None, None)
+
+        self.assertEqual(['poll', 'poll', 'started', 'poll', 'poll'],
+                         self.calls)
+
+    def test_outage_to_the_deadline_is_worker_not_responding(self):
+        self.statuses.extend([OSError('Glance down')] * 6)
+
+        self.assertRaises(exception.WorkerNotResponding, self.wait,
+                          *[BrokenPipeError(32, 'Broken pipe')] * 6)
+
+    def test_refused_duplicate_keeps_waiting_for_the_first(self):
+        self.statuses.extend(['saving'])
+
+        self.wait(event(notifications.REFUSED,
+                        error_code='SnapshotInProgress'),
+                  event(notifications.END))
+
+        self.assertEqual(['poll', 'started'], self.calls)
+
+    def test_refused_but_active_is_done(self):
+        self.statuses.extend(['active'])
+
+        self.wait(event(notifications.REFUSED, error_code='ImageNotQueued'))
+
+        self.assertEqual(['poll', 'started'], self.calls)
+
+    def test_refusals_fail_the_snapshot(self):
+        self.statuses.extend(['queued', 'deleted'])
+
+        e = self.assertRaises(
+            exception.SnapshotOffloadFailed, self.wait,
+            event(notifications.REFUSED, error_code='ImageNotOwned',
+                  error_message='another project'))
+        self.assertIn('ImageNotOwned: another project', str(e))
+        self.assertRaises(
+            nova_exception.ImageNotFound, self.wait,
+            event(notifications.REFUSED, error_code='ImageNotFound'))
+
     def test_waits_no_longer_than_poll_interval(self):
         sub = self.wait(None, None, event(notifications.END))
 
@@ -213,16 +311,18 @@ class InstallTest(testtools.TestCase):
 class ConfTest(testtools.TestCase):
 
     def test_options_in_snapworker_group(self):
-        ((group, opts),) = nova_conf.list_opts()
+        ((group, opts), (levels, cap)) = nova_conf.list_opts()
 
         self.assertEqual('snapworker', group.name)
+        self.assertEqual(('upgrade_levels', ['snapworker']),
+                         (levels, [o.name for o in cap]))
         self.assertEqual(
             {'topic', 'disk_types', 'accept_timeout', 'timeout_base',
              'timeout_per_gib', 'status_poll_interval'},
             {opt.name for opt in opts})
 
     def test_disk_types_default_to_every_type_the_worker_reads(self):
-        ((_group, opts),) = nova_conf.list_opts()
+        ((_group, opts), _levels) = nova_conf.list_opts()
         disk_types = next(o for o in opts if o.name == 'disk_types')
 
         self.assertEqual(['qcow2', 'raw', 'rbd', 'lvm'], disk_types.default)
