@@ -11,6 +11,8 @@ from its own configuration (nova.conf or snapworker.conf), and registers
 ``[upgrade_levels] snapworker`` with ``register_opts`` when it wants it.
 """
 
+import time
+
 import oslo_messaging as messaging
 from oslo_config import cfg
 
@@ -78,8 +80,8 @@ class SnapworkerAPI:
     API version history:
 
     | 1.0 - Initial version: create_snapshot (cast).
-    | 1.1 - create_snapshot takes max_virtual_size; added get_status
-    |       (call).
+    | 1.1 - create_snapshot takes max_virtual_size and sent_at; added
+    |       get_status (call) and cancel_snapshot (call).
 
     Adding a method or an optional argument is a minor bump: the client
     checks ``can_send_version()`` before sending the new form, so a newer
@@ -128,19 +130,23 @@ class SnapworkerAPI:
             disk's format.
         :param max_virtual_size: (1.1) the largest root disk, in bytes,
             that Nova gave the instance (its flavor's ``root_gb``), or
-            None when Nova sets no bound. Sent as a 1.1 request when the
-            version cap allows it; capped at 1.0, or None, the request is
-            a 1.0 one and the worker checks no bound.
+            None when Nova sets no bound.
+        :param sent_at: (1.1) when the request leaves the client (epoch
+            seconds; the client and the worker share the host's clock),
+            set here: a worker that reaches it after ``[worker]
+            max_request_age`` refuses it as stale, since its sender has
+            given up on it.
+
+        Sent as a 1.1 request when the version cap allows it; capped at
+        1.0 the request is a 1.0 one and the worker checks neither.
         """
         kwargs = {'instance_uuid': instance_uuid, 'image_id': image_id,
                   'target_format': target_format}
         version = '1.0'
-        # Without a bound the request says nothing a 1.0 worker cannot
-        # hear, so it goes in the form every worker takes.
-        if (max_virtual_size is not None
-                and self.client.can_send_version('1.1')):
+        if self.client.can_send_version('1.1'):
             version = '1.1'
             kwargs['max_virtual_size'] = max_virtual_size
+            kwargs['sent_at'] = time.time()
         cctxt = self._prepare_call(host, version)
         cctxt.cast(context, 'create_snapshot', **kwargs)
 
@@ -155,9 +161,12 @@ class SnapworkerAPI:
         :param timeout: seconds to wait for the answer; None for the
             transport's ``rpc_response_timeout``.
         :returns: a dict such as ``{'version': '1.1', 'host': 'compute-1',
-            'running': [...], 'queued': [...]}``: the worker's RPC API
-            version, its host and the snapshots it is running and holding
-            in its queue.
+            'running': 1, 'queued': 0, 'jobs': [{'image_id': ...,
+            'instance_uuid': ..., 'state': 'running', 'strategy':
+            'stream', 'bytes_read': ..., 'bytes_uploaded': ...,
+            'bytes_total': ..., 'seconds': ...}]}``: the worker's RPC API
+            version, its host, how many snapshots it runs and holds in
+            its queue, and (``jobs``, for an admin's context only) which.
         :raises VersionCapError: ``[upgrade_levels] snapworker`` is below
             1.1 (nothing is sent).
         :raises oslo_messaging.MessagingTimeout: no worker answered in
@@ -168,3 +177,21 @@ class SnapworkerAPI:
                                   self.client.version_cap)
         cctxt = self._prepare_call(host, '1.1', timeout=timeout)
         return cctxt.call(context, 'get_status')
+
+    def cancel_snapshot(self, context, host, image_id, timeout=None):
+        """Stop the queued or running snapshot into ``image_id`` (1.1).
+
+        Synchronous (a call). An admin's context only. The snapshot then
+        ends as a failed one (its resources released, its image deleted)
+        with ``snapshot.create.error`` ``Cancelled``.
+
+        :returns: ``{'cancelled': bool, 'state': 'queued' | 'running' |
+            None, 'reason': str | None}``.
+        :raises VersionCapError: the cap is below 1.1 (nothing is sent).
+        :raises oslo_messaging.MessagingTimeout: no worker answered.
+        """
+        if not self.client.can_send_version('1.1'):
+            raise VersionCapError('cancel_snapshot', '1.1',
+                                  self.client.version_cap)
+        cctxt = self._prepare_call(host, '1.1', timeout=timeout)
+        return cctxt.call(context, 'cancel_snapshot', image_id=image_id)

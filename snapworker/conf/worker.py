@@ -132,11 +132,15 @@ opts = [
                      'Empty refuses every block device, so no other '
                      'device of the host can be read.'),
     cfg.IntOpt('helper_address_space',
-               default=units.Gi,
+               default=2 * units.Gi,
                min=64 * units.Mi,
                help='Address space limit, in bytes, of qemu-img and '
-                    'qemu-nbd, which parse images the guest wrote (Nova '
-                    'runs ``qemu-img info`` under 1 GiB too).'),
+                    'qemu-nbd, which parse images the guest wrote. Nova '
+                    'runs ``qemu-img info`` under 1 GiB; a compressing '
+                    '``qemu-img convert`` also maps a stack per thread of '
+                    'its thread pool (8 MiB each, up to 64 threads), so '
+                    'the default leaves it room (qemu-nbd peaks at ~270 '
+                    'MiB).'),
     cfg.IntOpt('helper_cpu_time',
                default=3600,
                min=1,

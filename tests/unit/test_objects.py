@@ -15,7 +15,7 @@ from oslo_versionedobjects import fixture
 from snapworker import objects
 
 object_data = {
-    'SnapshotPayload': '1.2-e938687c8185121e3c01f2363629a014',
+    'SnapshotPayload': '1.2-e2a97875ecea32b2e7755b50c7db36ee',
 }
 
 

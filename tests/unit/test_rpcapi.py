@@ -6,6 +6,7 @@ transport: a 1.0 endpoint stands for a worker of the previous release, a
 """
 
 import threading
+import time
 
 import oslo_messaging as messaging
 import testtools
@@ -43,11 +44,13 @@ class NewWorker(OldWorker):
     target = messaging.Target(version='1.1')
 
     def create_snapshot(self, context, instance_uuid, image_id,
-                        target_format=None, max_virtual_size=None):
+                        target_format=None, max_virtual_size=None,
+                        sent_at=None):
         self.calls.append(dict(instance_uuid=instance_uuid,
                                image_id=image_id,
                                target_format=target_format,
                                max_virtual_size=max_virtual_size))
+        self.sent_at = sent_at
         self.done.set()
 
     def get_status(self, context):
@@ -77,13 +80,15 @@ class RPCAPITest(testtools.TestCase):
         return rpcapi.SnapworkerAPI(self.transport,
                                     version_cap=version_cap)
 
-    def test_uncapped_sends_max_virtual_size(self):
+    def test_uncapped_sends_max_virtual_size_and_sent_at(self):
         worker = self.serve(NewWorker())
 
+        before = time.time()
         self.api().create_snapshot(self.context, HOST, INSTANCE, IMAGE,
                                    'raw', max_virtual_size=2 ** 30)
 
         self.assertTrue(worker.done.wait(10))
+        self.assertTrue(before <= worker.sent_at <= time.time())
         self.assertEqual([{'instance_uuid': INSTANCE, 'image_id': IMAGE,
                            'target_format': 'raw',
                            'max_virtual_size': 2 ** 30}], worker.calls)
@@ -107,10 +112,10 @@ class RPCAPITest(testtools.TestCase):
 
         self.assertFalse(worker.done.wait(1))
 
-    def test_without_a_bound_an_old_worker_takes_the_request(self):
+    def test_capped_without_a_bound_an_old_worker_takes_the_request(self):
         worker = self.serve(OldWorker())
 
-        self.api().create_snapshot(self.context, HOST, INSTANCE, IMAGE)
+        self.api('1.0').create_snapshot(self.context, HOST, INSTANCE, IMAGE)
 
         self.assertTrue(worker.done.wait(10))
         self.assertEqual([{'instance_uuid': INSTANCE, 'image_id': IMAGE,
@@ -118,9 +123,10 @@ class RPCAPITest(testtools.TestCase):
 
     def test_cast_versions(self):
         sent = []
+        # Uncapped (every worker upgraded) requests carry sent_at: 1.1.
         for cap, size, version in ((None, 1, '1.1'), ('1.1', 1, '1.1'),
-                                   ('1.0', 1, '1.0'), (None, None, '1.0'),
-                                   ('1.1', None, '1.0')):
+                                   ('1.0', 1, '1.0'), (None, None, '1.1'),
+                                   ('1.0', None, '1.0')):
             api = self.api(cap)
             real_prepare = api.client.prepare
 
