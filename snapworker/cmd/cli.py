@@ -4,6 +4,15 @@
         cast a snapshot to host H's worker and follow it to the end
     snapworker watch [--image-id ID]
         print snapworker notifications as they arrive (JSON, one a line)
+    snapworker status --host H
+        is H's worker alive: its version, how many snapshots it runs and
+        queues (one JSON object; exit 3 when no worker answers)
+    snapworker jobs --host H
+        the running and queued snapshots of H's worker, with progress
+        (an admin's context)
+    snapworker cancel --host H IMAGE_ID
+        stop the queued or running snapshot into IMAGE_ID cleanly (an
+        admin's context); exit 1 when nothing was cancelled
     snapworker stream DISK --source-format raw|qcow2 [--format raw|qcow2]
             [-o FILE|-]
         write exactly the bytes the worker would upload for DISK; the plan
@@ -25,6 +34,7 @@ import json
 import os
 import sys
 
+import oslo_messaging as messaging
 from oslo_context import context as o_context
 
 from snapworker import events
@@ -107,6 +117,44 @@ def cmd_watch(args, out):
             _print_event(event, out)
 
 
+def _ask(args, out, method, **kwargs):
+    """One RPC call to a host's worker; its answer as JSON on ``out``."""
+    try:
+        answer = getattr(_api(), method)(_context(args), args.host,
+                                         timeout=args.timeout, **kwargs)
+    except messaging.MessagingTimeout:
+        sys.stderr.write(f'No snapworker worker answered for host '
+                         f'{args.host} within {args.timeout} s\n')
+        return None
+    except rpcapi.VersionCapError as e:
+        sys.stderr.write(f'{e}\n')
+        return None
+    out.write(json.dumps(answer, sort_keys=True) + '\n')
+    out.flush()
+    return answer
+
+
+def cmd_status(args, out):
+    return 0 if _ask(args, out, 'get_status') is not None else 3
+
+
+def cmd_jobs(args, out):
+    status = _ask(args, out, 'get_status')
+    if status is None:
+        return 3
+    if 'jobs' not in status:
+        sys.stderr.write('The worker lists jobs to admins only\n')
+        return 1
+    return 0
+
+
+def cmd_cancel(args, out):
+    answer = _ask(args, out, 'cancel_snapshot', image_id=args.image_id)
+    if answer is None:
+        return 3
+    return 0 if answer.get('cancelled') else 1
+
+
 def cmd_stream(args, out):
     disk = os.path.abspath(args.disk)
     source = file_source.FileSource(disk, args.source_format, CONF,
@@ -146,6 +194,15 @@ def cmd_stream(args, out):
     return 0
 
 
+def _identity_args(parser):
+    """Who the request is from (the token comes from OS_AUTH_TOKEN)."""
+    parser.add_argument('--user-id', default=os.environ.get('OS_USER_ID'))
+    parser.add_argument('--project-id',
+                        default=os.environ.get('OS_PROJECT_ID'))
+    parser.add_argument('--roles', default=os.environ.get('OS_ROLES',
+                                                          'admin,member'))
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog='snapworker',
                                      description=__doc__.split('\n')[0])
@@ -159,11 +216,7 @@ def _parser():
     snap.add_argument('--format', choices=('raw', 'qcow2'),
                       help='target format (default: as the source)')
     snap.add_argument('--timeout', type=float, default=3600)
-    snap.add_argument('--user-id', default=os.environ.get('OS_USER_ID'))
-    snap.add_argument('--project-id',
-                      default=os.environ.get('OS_PROJECT_ID'))
-    snap.add_argument('--roles', default=os.environ.get('OS_ROLES',
-                                                        'admin,member'))
+    _identity_args(snap)
     snap.set_defaults(func=cmd_snapshot)
 
     watch = sub.add_parser('watch', help='print snapshot notifications')
@@ -171,6 +224,20 @@ def _parser():
     watch.add_argument('--timeout', type=float, default=float('inf'),
                        help='stop after this many seconds of silence')
     watch.set_defaults(func=cmd_watch)
+
+    for name, func, what in (('status', cmd_status, 'is the worker of a '
+                              'host alive'),
+                             ('jobs', cmd_jobs, 'running and queued '
+                              'snapshots of a host'),
+                             ('cancel', cmd_cancel, 'stop one snapshot')):
+        command = sub.add_parser(name, help=what)
+        command.add_argument('--host', required=True)
+        if name == 'cancel':
+            command.add_argument('image_id')
+        command.add_argument('--timeout', type=float, default=10,
+                             help='seconds to wait for the worker')
+        _identity_args(command)
+        command.set_defaults(func=func)
 
     stream = sub.add_parser(
         'stream', help='write the bytes the worker would upload for a '
