@@ -47,6 +47,14 @@ opts = [
                     'guest is resumed and Nova deletes the image. It '
                     'includes the time a request waits behind the '
                     'worker\'s [worker] max_concurrent_snapshots.'),
+    cfg.IntOpt('liveness_timeout',
+               default=5,
+               min=0,
+               help='Seconds to wait for the worker to answer a status '
+                    'call (RPC 1.1) before the guest is suspended: with '
+                    'no worker on this host the snapshot fails at once '
+                    'and the guest is never touched. 0 skips the check '
+                    '(accept_timeout then tells).'),
     cfg.IntOpt('timeout_base',
                default=300,
                min=1,

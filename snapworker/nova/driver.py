@@ -28,6 +28,7 @@ and the plan each gets).
 """
 
 import nova.conf
+import oslo_messaging as messaging
 from nova import exception
 from nova import rpc as nova_rpc
 from nova.compute import power_state
@@ -41,6 +42,7 @@ from snapworker import events
 from snapworker import rpcapi
 from snapworker.nova import conf as snapworker_conf
 from snapworker.nova import disks
+from snapworker.nova import exception as snapworker_exception
 from snapworker.nova import waiter
 
 LOG = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
 
         LOG.info('Beginning cold snapshot process, delegated to snapworker',
                  instance=instance)
+        # Before the guest is touched: no worker, no suspend.
+        self._check_worker(context, instance, image_id)
         self._suspend_guest_for_snapshot(
             context, False, original_power_state, instance)
         try:
@@ -133,6 +137,28 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
         finally:
             resume()
         LOG.info('Snapshot image upload complete', instance=instance)
+
+    def _check_worker(self, context, instance, image_id):
+        """Fail at once (WorkerNotResponding) when no worker answers.
+
+        A ``get_status`` call (RPC 1.1) answers in milliseconds when the
+        host's worker runs; without it the cast would be dropped or wait
+        in a queue, and only ``accept_timeout`` would tell. Skipped when
+        ``[snapworker] liveness_timeout`` is 0 or the version cap forbids
+        1.1 (an older worker: then accept_timeout decides).
+        """
+        timeout = CONF.snapworker.liveness_timeout
+        if not timeout:
+            return
+        try:
+            self._snapworker().get_status(context, CONF.host,
+                                          timeout=timeout)
+        except rpcapi.VersionCapError:
+            return
+        except messaging.MessagingTimeout as e:
+            raise snapworker_exception.WorkerNotResponding(
+                host=CONF.host, instance_uuid=instance.uuid,
+                image_id=image_id, timeout=timeout) from e
 
     @staticmethod
     def _max_virtual_size(instance):

@@ -278,10 +278,11 @@ class NovaDriverTestCase(NovaComputeTestBase):
             status_poll_interval=1)
 
         self.assertEqual('WorkerNotResponding', result['error']['type'])
-        self.assertLess(result['seconds'], 3 + 2)
-        self.assertEqual([('image_pending_upload', None)],
-                         self.task_states(result))
-        self.assertEqual('end [running]', self.steps(result)[-1])
+        # The status call found no worker before the guest was touched:
+        # never suspended, no task state set.
+        self.assertEqual(['begin [running]', 'end [running]'],
+                         self.steps(result))
+        self.assertEqual([], self.task_states(result))
         self.assertEqual(1, dom.isActive())
 
     def test_live_snapshot_takes_nova_path(self):

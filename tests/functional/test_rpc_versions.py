@@ -51,11 +51,14 @@ class RPCVersionTest(base.FunctionalTestCase):
         status = self.client(None).get_status(self.context,
                                               self.worker.host, timeout=30)
 
-        self.assertEqual({'version', 'host', 'running', 'queued'},
+        # The test context is an admin's: it sees the (empty) job list.
+        self.assertEqual({'version', 'host', 'running', 'queued', 'jobs'},
                          set(status))
-        self.assertEqual((manager.RPC_API_VERSION, self.worker.host, [], []),
+        self.assertEqual((manager.RPC_API_VERSION, self.worker.host, 0, 0,
+                          []),
                          (status['version'], status['host'],
-                          status['running'], status['queued']))
+                          status['running'], status['queued'],
+                          status['jobs']))
 
     def test_get_status_of_a_host_without_worker_times_out(self):
         self.assertRaises(messaging.MessagingTimeout,

@@ -317,8 +317,8 @@ class ConfTest(testtools.TestCase):
         self.assertEqual(('upgrade_levels', ['snapworker']),
                          (levels, [o.name for o in cap]))
         self.assertEqual(
-            {'topic', 'disk_types', 'accept_timeout', 'timeout_base',
-             'timeout_per_gib', 'status_poll_interval'},
+            {'topic', 'disk_types', 'accept_timeout', 'liveness_timeout',
+             'timeout_base', 'timeout_per_gib', 'status_poll_interval'},
             {opt.name for opt in opts})
 
     def test_disk_types_default_to_every_type_the_worker_reads(self):
