@@ -57,6 +57,7 @@ import threading
 
 from oslo_log import log as logging
 from oslo_utils import timeutils
+from oslo_utils import units
 from oslo_utils import uuidutils
 
 from snapworker import exception
@@ -72,7 +73,7 @@ REAPER = 'reaper'
 GLANCE_IMAGE = 'glance_image'
 #: Records hold a few resources and a request context (with its service
 #: catalog); anything bigger is not a record this worker wrote.
-_MAX_RECORD_BYTES = 1024 * 1024
+_MAX_RECORD_BYTES = units.Mi
 _SUFFIX = '.json'
 _TMP_SUFFIX = '.tmp'
 _ASIDE_SUFFIX = '.corrupt'

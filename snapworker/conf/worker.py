@@ -55,7 +55,7 @@ opts = [
                      '``qemu-img convert -c`` through scratch_dir: smaller '
                      'images at the cost of a full scratch copy.'),
     cfg.IntOpt('chunk_size',
-               default=4 * 1024 * 1024,
+               default=4 * units.Mi,
                min=65536,
                help='Bytes read from a disk at a time. Memory used by one '
                     'snapshot is a small multiple of this, whatever the '

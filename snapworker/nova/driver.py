@@ -37,6 +37,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import host as libvirt_host
 from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
+from oslo_utils import units
 
 from snapworker import events
 from snapworker import rpcapi
@@ -52,7 +53,7 @@ CONF = nova.conf.CONF
 # (snapworker.conf is the worker's, and nothing here imports it).
 snapworker_conf.register_opts(CONF)
 
-_GIB = 1024 ** 3
+_GIB = units.Gi
 
 
 class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):

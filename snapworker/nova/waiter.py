@@ -23,13 +23,14 @@ import time
 
 from nova import exception as nova_exception
 from oslo_log import log as logging
+from oslo_utils import units
 
 from snapworker import notifications
 from snapworker.nova import exception
 
 LOG = logging.getLogger(__name__)
 
-_GIB = 1024 ** 3
+_GIB = units.Gi
 
 #: Glance statuses an image only reaches when its snapshot has failed
 #: (the worker, like Nova, deletes the image of a failed snapshot).

@@ -45,7 +45,8 @@ from snapworker.sources import qcow2_header
 #: Nova chains are one or two files deep (overlay, ``_base``); a guest
 #: cannot make one deeper, only a corrupted or crafted host file can.
 MAX_CHAIN_DEPTH = 16
-READABLE_FORMATS = ('raw', 'qcow2')
+#: The formats the worker reads (and writes: base.SUPPORTED_TARGET_FORMATS).
+READABLE_FORMATS = base.SUPPORTED_TARGET_FORMATS
 # <linux/fs.h>: _IOR(0x12, 114, size_t), the device size in bytes.
 _BLKGETSIZE64 = 0x80081272
 

@@ -389,7 +389,8 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
             with rbd.Image(self._glance_ioctx, self._clone) as clone:
                 if self.policy == 'sync':
                     # Flatten first: a snapshot taken before would keep the
-                    # parent (notes/ceph.md), the source snapshot can go.
+                    # parent (a snapshot keeps its clone's parent), the source
+                    # snapshot can go.
                     clone.flatten()
                     self._drop_snapshot()
                 clone.create_snap(ceph.GLANCE_SNAP)

@@ -15,7 +15,9 @@ import itertools
 from collections.abc import Callable
 from collections.abc import Iterator
 
-MiB = 1024 * 1024
+from oslo_utils import units
+
+MiB = units.Mi
 DEFAULT_CHUNK_SIZE = 4 * MiB
 
 

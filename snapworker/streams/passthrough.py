@@ -2,6 +2,8 @@
 
 import os
 
+from oslo_utils import units
+
 from snapworker import hostio
 
 
@@ -13,7 +15,7 @@ class FileStream:
     convert plan.
     """
 
-    def __init__(self, path, chunk_size=4 * 1024 * 1024, drop_cache=False):
+    def __init__(self, path, chunk_size=4 * units.Mi, drop_cache=False):
         """:param drop_cache: drop what is read from the page cache."""
         self._drop_cache = drop_cache
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
