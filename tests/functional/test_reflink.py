@@ -53,9 +53,10 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
         self.assertIn('reflink', end['plan_reason'])
         self.assertEqual(0, end['scratch_bytes'])
         self.assertGreater(end['shared_bytes'], 90 * MiB)
-        # Released before a byte was uploaded, well under half a second.
-        self.assertEqual(0, released.payload['bytes_uploaded'])
-        self.assertLess(end['source_held_seconds'], 0.5)
+        # Released before a byte was read or uploaded: the copy is all it
+        # waited for (its time is the benchmark's business, not a test's).
+        self.assertEqual((0, 0), (released.payload['bytes_read'],
+                                  released.payload['bytes_uploaded']))
         self.assertLess(end['source_held_seconds'], end['duration_seconds'])
         # What the resumed guest might do must not reach the image: the
         # stream read the copy.
