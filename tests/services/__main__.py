@@ -1,6 +1,6 @@
 """Start or stop every service the functional tests and the demo need.
 
-    python -m tests.services up --state-dir DIR [--with-ceph]
+    python -m tests.services up --state-dir DIR [--with-ceph] [--with-cloud]
     python -m tests.services down --state-dir DIR
 
 ``up`` leaves the services running after it exits and writes
@@ -12,6 +12,8 @@ runner, a demo script, a developer's shell).
 RabbitMQ is only ensured, never stopped: it is a shared machine service.
 With ``--with-ceph`` a single-node Ceph cluster starts first and both
 Glances also get a ``ceph`` rbd store on its ``images`` pool.
+With ``--with-cloud`` a one-machine OpenStack with snapworker inside starts
+last (tests/services/openstack.py; services.json key ``cloud``).
 """
 
 import argparse
@@ -31,6 +33,8 @@ STATE_FILE = "services.json"
 
 # Stop order: the services that use Ceph go before Ceph.
 _MODULES = {
+    # The cloud first: it runs on the shared broker, nothing depends on it.
+    "cloud": "tests.services.openstack",
     "glance": "tests.services.glance",
     "glance_noauth": "tests.services.glance",
     "libvirtd": "tests.services.libvirtd",
@@ -38,7 +42,7 @@ _MODULES = {
 }
 
 
-def up(state_dir, with_ceph):
+def up(state_dir, with_ceph, with_cloud=False):
     """Start everything, write services.json and return its content."""
     state_path = os.path.join(state_dir, STATE_FILE)
     if os.path.exists(state_path):
@@ -57,6 +61,11 @@ def up(state_dir, with_ceph):
                                      os.path.join(state_dir, "ceph"))
             rbd = started["ceph"].glance_rbd()
         _start_in_parallel(state_dir, rbd, started)
+        if with_cloud:
+            cloud = importlib.import_module(_MODULES["cloud"])
+            started["cloud"] = _timed("cloud", cloud.start,
+                                      os.path.join(state_dir, "cloud"),
+                                      transport_url)
     except BaseException:
         _stop_all({name: h.to_dict() for name, h in started.items()})
         raise
@@ -152,11 +161,13 @@ def main(argv=None):
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--with-ceph", action="store_true",
                         help="also start a single-node Ceph (up only)")
+    parser.add_argument("--with-cloud", action="store_true",
+                        help="also start a one-machine OpenStack (up only)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
     try:
         if args.command == "up":
-            state = up(state_dir, args.with_ceph)
+            state = up(state_dir, args.with_ceph, args.with_cloud)
             print("services up; state in %s"
                   % os.path.join(state_dir, STATE_FILE))
             for key in ("transport_url", "glance_url", "glance_noauth_url",
