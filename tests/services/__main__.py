@@ -13,7 +13,7 @@ RabbitMQ is only ensured, never stopped: it is a shared machine service.
 With ``--with-ceph`` a single-node Ceph cluster starts first and both
 Glances also get a ``ceph`` rbd store on its ``images`` pool.
 With ``--with-cloud`` a one-machine OpenStack with snapworker inside starts
-last (tests/services/openstack.py; services.json key ``cloud``).
+beside them (tests/services/openstack.py; services.json key ``cloud``).
 """
 
 import argparse
@@ -60,12 +60,8 @@ def up(state_dir, with_ceph, with_cloud=False):
             started["ceph"] = _timed("ceph", ceph.start,
                                      os.path.join(state_dir, "ceph"))
             rbd = started["ceph"].glance_rbd()
-        _start_in_parallel(state_dir, rbd, started)
-        if with_cloud:
-            cloud = importlib.import_module(_MODULES["cloud"])
-            started["cloud"] = _timed("cloud", cloud.start,
-                                      os.path.join(state_dir, "cloud"),
-                                      transport_url)
+        cloud = transport_url if with_cloud else None
+        _start_in_parallel(state_dir, rbd, started, cloud)
     except BaseException:
         _stop_all({name: h.to_dict() for name, h in started.items()})
         raise
@@ -82,8 +78,10 @@ def up(state_dir, with_ceph, with_cloud=False):
     return state
 
 
-def _start_in_parallel(state_dir, rbd, started):
+def _start_in_parallel(state_dir, rbd, started, cloud=None):
     """Start both Glances and libvirtd at once, adding each to started.
+
+    cloud: the broker's URL to start the cloud on too (it takes longest).
 
     Every handle that did start is recorded before the first failure is
     re-raised, so the caller can stop it.
@@ -95,6 +93,9 @@ def _start_in_parallel(state_dir, rbd, started):
                           "unauthenticated"),
         "libvirtd": (libvirtd.start, state_dir),
     }
+    if cloud:
+        jobs["cloud"] = (importlib.import_module(_MODULES["cloud"]).start,
+                         os.path.join(state_dir, "cloud"), cloud)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_timed, name, *job)
                    for name, job in jobs.items()}

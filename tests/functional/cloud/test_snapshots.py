@@ -47,7 +47,13 @@ class CloudSnapshotTest(base.CloudTestCase):
         return path
 
     def record(self, name, value):
+        """Keep a measurement: in the test's details, and in the cloud's
+        logs/measurements.jsonl, which outlives a passing run."""
         self.addDetail(name, content.json_content(value))
+        path = os.path.join(self.cloud["state_dir"], "logs",
+                            "measurements.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": self.id(), name: value}) + "\n")
 
     def assertSnapshotTaskStates(self, observer):
         """What the API showed: Nova's snapshot states, in Nova's order
