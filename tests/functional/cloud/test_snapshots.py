@@ -62,7 +62,7 @@ class CloudSnapshotTest(base.CloudTestCase):
         self.assertIsNone(seen[-1], seen)
         during = [s for s in seen if s is not None]
         self.assertTrue(during, seen)
-        self.assertTrue(base.is_ordered_subsequence(
+        self.assertTrue(base.is_subsequence(
             during, base.NOVA_SNAPSHOT_TASK_STATES), seen)
         return seen
 
@@ -196,8 +196,10 @@ class CloudSnapshotTest(base.CloudTestCase):
                                   "task_states": observer.task_states(),
                                   "cli": proc.stderr[-2000:]})
         self.assertNotEqual(0, proc.returncode)
-        # accept_timeout, plus the CLI's 5 s polls and start-up.
-        self.assertLess(waited, openstack.ACCEPT_TIMEOUT + 30)
+        # accept_timeout, plus the CLI's start-up (~2 s, far more on a
+        # loaded machine: 51 s in all was seen), Nova's cleanup and the
+        # CLI's 5 s polls.
+        self.assertLess(waited, openstack.ACCEPT_TIMEOUT + 60)
         self.assertIsNone(self.image_by_name("snap-no-worker"))
         self.wait_for_server(server_id, "SHUTOFF", timeout=30)
         # Usable again: it starts.
