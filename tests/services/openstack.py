@@ -463,7 +463,8 @@ def _remove_guests():
 # -- REST
 
 def request(method, url, token=None, body=None, headers=None, timeout=30):
-    """One JSON request; returns (status, headers, decoded body or None)."""
+    """One JSON request; returns (status, headers, body): the decoded JSON,
+    text if the answer is not JSON, None if empty."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -476,6 +477,9 @@ def request(method, url, token=None, body=None, headers=None, timeout=30):
             status, resp_headers, raw = resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         status, resp_headers, raw = exc.code, exc.headers, exc.read()
+    if "json" not in (resp_headers.get("Content-Type") or ""):
+        # Glance answers some errors (404) in plain text.
+        return status, resp_headers, raw.decode(errors="replace") or None
     return status, resp_headers, json.loads(raw) if raw.strip() else None
 
 
