@@ -75,7 +75,6 @@ ADMIN_PASSWORD = "snapcloud-admin"
 MEMBER = {"user": "demo", "password": "snapcloud-demo", "project": "demo"}
 SERVICE_USERS = ("nova", "glance", "placement", "neutron")
 LIBVIRT_URI = "qemu:///system"
-LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
 
 # WSGI apps, each under its own uWSGI; the extra flags Glance needs are
 # the test Glance's own.
@@ -613,7 +612,7 @@ def _parallel(jobs):
         future.result()
 
 
-def start(state_dir, base_transport_url, timeout=300):
+def start(state_dir, base_transport_url):
     """Bring the whole cloud up under state_dir; return a CloudService.
 
     On failure everything started so far is stopped again.
