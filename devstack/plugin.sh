@@ -82,6 +82,8 @@ function configure_snapworker {
     iniset "$NOVA_CONF" DEFAULT compute_driver \
         snapworker.SnapworkerLibvirtDriver
     iniset "$NOVA_CONF" snapworker accept_timeout "$SNAPWORKER_ACCEPT_TIMEOUT"
+    # A request Nova has given up on is not run: the same number.
+    iniset "$conf" worker max_request_age "$SNAPWORKER_ACCEPT_TIMEOUT"
 }
 
 function start_snapworker {

@@ -113,13 +113,16 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
 
         LOG.info('Beginning cold snapshot process, delegated to snapworker',
                  instance=instance)
-        # Before the guest is touched: no worker, no suspend.
+        # Before the guest is touched: no worker, no suspend; and the
+        # subscription is made while the guest still runs, so setting it
+        # up does not count towards the time it is held down.
         self._check_worker(context, instance, image_id)
-        self._suspend_guest_for_snapshot(
-            context, False, original_power_state, instance)
-        try:
-            update_task_state(task_state=task_states.IMAGE_PENDING_UPLOAD)
-            with events.Subscription(CONF, image_id=image_id) as sub:
+        with events.Subscription(CONF, image_id=image_id) as sub:
+            self._suspend_guest_for_snapshot(
+                context, False, original_power_state, instance)
+            try:
+                update_task_state(
+                    task_state=task_states.IMAGE_PENDING_UPLOAD)
                 self._snapworker().create_snapshot(
                     context, CONF.host, instance.uuid, image_id,
                     target_format=image_format,
@@ -135,8 +138,8 @@ class SnapworkerLibvirtDriver(libvirt_driver.LibvirtDriver):
                         task_state=task_states.IMAGE_UPLOADING,
                         expected_state=task_states.IMAGE_PENDING_UPLOAD),
                     on_released=resume)
-        finally:
-            resume()
+            finally:
+                resume()
         LOG.info('Snapshot image upload complete', instance=instance)
 
     def _check_worker(self, context, instance, image_id):

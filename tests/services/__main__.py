@@ -1,6 +1,6 @@
 """Start or stop every service the functional tests and the demo need.
 
-    python -m tests.services up --state-dir DIR [--with-ceph]
+    python -m tests.services up --state-dir DIR [--with-ceph] [--with-cloud]
     python -m tests.services down --state-dir DIR
 
 ``up`` leaves the services running after it exits and writes
@@ -14,6 +14,8 @@ A private three-node RabbitMQ cluster (``rabbitmq_cluster``), for the tests
 that stop a broker node, starts beside all the others. With
 ``--with-ceph`` a single-node Ceph cluster starts first and both Glances
 also get a ``ceph`` rbd store on its ``images`` pool.
+With ``--with-cloud`` a one-machine OpenStack with snapworker inside starts
+beside them (tests/services/openstack.py; services.json key ``cloud``).
 """
 
 import argparse
@@ -34,6 +36,8 @@ STATE_FILE = "services.json"
 
 # Stop order: the services that use Ceph go before Ceph.
 _MODULES = {
+    # The cloud first: it runs on the shared broker, nothing depends on it.
+    "cloud": "tests.services.openstack",
     "glance": "tests.services.glance",
     "glance_noauth": "tests.services.glance",
     "libvirtd": "tests.services.libvirtd",
@@ -42,7 +46,7 @@ _MODULES = {
 }
 
 
-def up(state_dir, with_ceph):
+def up(state_dir, with_ceph, with_cloud=False):
     """Start everything, write services.json and return its content."""
     state_path = os.path.join(state_dir, STATE_FILE)
     if os.path.exists(state_path):
@@ -65,7 +69,8 @@ def up(state_dir, with_ceph):
             started["ceph"] = _timed("ceph", ceph.start,
                                      os.path.join(state_dir, "ceph"))
             rbd = started["ceph"].glance_rbd()
-        _start_in_parallel(state_dir, rbd, started)
+        cloud = transport_url if with_cloud else None
+        _start_in_parallel(state_dir, rbd, started, cloud)
         started["rabbit_cluster"] = cluster.result()
     except BaseException:
         concurrent.futures.wait([cluster])
@@ -88,8 +93,10 @@ def up(state_dir, with_ceph):
     return state
 
 
-def _start_in_parallel(state_dir, rbd, started):
+def _start_in_parallel(state_dir, rbd, started, cloud=None):
     """Start both Glances and libvirtd at once, adding each to started.
+
+    cloud: the broker's URL to start the cloud on too (it takes longest).
 
     Every handle that did start is recorded before the first failure is
     re-raised, so the caller can stop it.
@@ -101,6 +108,9 @@ def _start_in_parallel(state_dir, rbd, started):
                           "unauthenticated"),
         "libvirtd": (libvirtd.start, state_dir),
     }
+    if cloud:
+        jobs["cloud"] = (importlib.import_module(_MODULES["cloud"]).start,
+                         os.path.join(state_dir, "cloud"), cloud)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_timed, name, *job)
                    for name, job in jobs.items()}
@@ -167,11 +177,13 @@ def main(argv=None):
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--with-ceph", action="store_true",
                         help="also start a single-node Ceph (up only)")
+    parser.add_argument("--with-cloud", action="store_true",
+                        help="also start a one-machine OpenStack (up only)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
     try:
         if args.command == "up":
-            state = up(state_dir, args.with_ceph)
+            state = up(state_dir, args.with_ceph, args.with_cloud)
             print("services up; state in %s"
                   % os.path.join(state_dir, STATE_FILE))
             for key in ("transport_url", "glance_url", "glance_noauth_url",

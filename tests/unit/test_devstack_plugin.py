@@ -155,6 +155,7 @@ class DevstackPluginTest(testtools.TestCase):
         self.assertEqual('snapworker.SnapworkerLibvirtDriver',
                          nova.get('DEFAULT', 'compute_driver'))
         self.assertEqual('120', nova.get('snapworker', 'accept_timeout'))
+        self.assertEqual('120', conf.get('worker', 'max_request_age'))
 
     def test_post_config_follows_nova_rbd_and_libvirt_uri(self):
         self.write_nova_conf(libvirt={
