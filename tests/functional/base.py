@@ -281,6 +281,20 @@ class FunctionalTestCase(testtools.TestCase):
                       f'{self.worker.log_tail()}')
         return received
 
+    def final_events(self, sub, image_ids, timeout=60):
+        """``{image id: (event type, error code)}`` of each one's final
+        event on ``sub`` (other images' events, other classes' workers'
+        included, are skipped)."""
+        finals = {}
+        while len(finals) < len(image_ids):
+            event = sub.wait(timeout)
+            self.assertIsNotNone(event, finals)
+            if event.image_id in image_ids and (
+                    event.event_type in notifications.FINAL):
+                finals[event.image_id] = (event.event_type,
+                                          event.payload['error_code'])
+        return finals
+
     def wait_for(self, predicate, what, timeout=60):
         """Poll ``predicate`` until true; fail with the worker's log."""
         deadline = time.monotonic() + timeout

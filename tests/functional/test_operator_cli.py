@@ -77,14 +77,7 @@ class OperatorCliTest(base.FunctionalTestCase):
                 self.assertEqual((0, True, state),
                                  (code, answer['cancelled'],
                                   answer['state']), err)
-            finals = {}
-            while len(finals) < 2:
-                event = sub.wait(60)
-                self.assertIsNotNone(event, finals)
-                if event.image_id in (running, queued) and (
-                        event.event_type in notifications.FINAL):
-                    finals[event.image_id] = (event.event_type,
-                                              event.payload['error_code'])
+            finals = self.final_events(sub, (running, queued))
         for image in (running, queued):
             self.assertEqual((notifications.ERROR, 'Cancelled'),
                              finals[image])

@@ -178,14 +178,7 @@ class StopAndCrashTest(OutcomeTestCase):
             self.wait_for(self._helpers, 'qemu-nbd to run')
             helpers = self._helpers()
             stop(self.worker.process.proc.pid)
-            finals = {}
-            while len(finals) < 3:
-                event = sub.wait(60)
-                self.assertIsNotNone(event, finals)
-                if event.image_id in images and (
-                        event.event_type in notifications.FINAL):
-                    finals[event.image_id] = (event.event_type,
-                                              event.payload['error_code'])
+            finals = self.final_events(sub, images)
         self.assertEqual(0, self.worker.process.proc.wait(60))
         self.assertEqual((notifications.END, None), finals[images[0]])
         self.assertTrue(base.images_identical(
@@ -235,14 +228,7 @@ class StopAndCrashTest(OutcomeTestCase):
             self.assertEqual(sorted(f'{i}.json' for i in images),
                              _journal(self.workdir))
             self._restart()
-            finals = {}
-            while len(finals) < 3:
-                event = sub.wait(60)
-                self.assertIsNotNone(event, finals)
-                if event.image_id in images and (
-                        event.event_type in notifications.FINAL):
-                    finals[event.image_id] = (event.event_type,
-                                              event.payload['error_code'])
+            finals = self.final_events(sub, images)
         for image in images:
             self.assertEqual((notifications.ERROR, 'WorkerRestarted'),
                              finals[image])
