@@ -11,6 +11,7 @@ import uuid
 
 import rbd
 
+from snapworker.sources import ceph as sw_ceph
 from tests.services import ceph
 
 MiB = 1024 * 1024
@@ -96,14 +97,8 @@ def remove_rbd(ioctx, name, timeout=10):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with rbd.Image(ioctx, name) as image:
-                for snap in list(image.list_snaps()):
-                    if image.is_protected_snap(snap['name']):
-                        image.unprotect_snap(snap['name'])
-                    image.remove_snap(snap['name'])
-            rbd.RBD().remove(ioctx, name)
-            return
-        except rbd.ImageNotFound:
+            # The worker's own removal (gone already is fine there).
+            sw_ceph.remove_image(ioctx, name)
             return
         except (rbd.ImageBusy, rbd.ImageHasSnapshots):
             if time.monotonic() > deadline:

@@ -33,17 +33,27 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
     def release_instances_path(cls, path):
         subprocess.run(['umount', '-l', path], check=False)
 
+    def _suspended(self, disk):
+        """The disk's content now, and a guest Nova suspended on it.
+
+        :returns: the raw content's path, the instance, its domain and
+            a queued image for its snapshot.
+        """
+        expected = os.path.join(self.workdir,
+                                f'expected-{os.path.basename(disk)}.raw')
+        base.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', disk, expected)
+        instance, dom = self.define_domain(path=disk, running=True)
+        # What Nova's _suspend_guest_for_snapshot leaves: a managed save.
+        dom.managedSave(0)
+        return expected, instance, dom, self.create_image()
+
     def test_guest_released_after_a_reflink_copy(self):
         base_file = self.make_disk('_base/reflink', 'raw', size='256M',
                                    writes=('write -P 0x21 0 96M',))
         disk = self.make_disk('suspended', 'qcow2', size='256M',
                               backing=base_file,
                               writes=('write -P 0x22 64M 96M',))
-        expected = os.path.join(self.workdir, 'expected.raw')
-        base.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', disk, expected)
-        instance, dom = self.define_domain(path=disk, running=True)
-        dom.managedSave(0)
-        image_id = self.create_image()
+        expected, instance, _dom, image_id = self._suspended(disk)
         events = self.snapshot(instance, image_id, 'raw')
         released = [e for e in events
                     if e.event_type == 'snapshot.source_released'][0]
@@ -69,11 +79,7 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
     def test_disk_written_after_release_does_not_change_the_image(self):
         disk = self.make_disk('resumed', 'qcow2', size='256M',
                               writes=('write -P 0x23 0 128M',))
-        expected = os.path.join(self.workdir, 'expected-resumed.raw')
-        base.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', disk, expected)
-        instance, dom = self.define_domain(path=disk, running=True)
-        dom.managedSave(0)
-        image_id = self.create_image()
+        expected, instance, dom, image_id = self._suspended(disk)
         with events.Subscription(CONF, image_id=image_id) as sub:
             self.api.create_snapshot(self.context, self.worker.host,
                                      instance, image_id, 'raw')
