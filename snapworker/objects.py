@@ -36,7 +36,8 @@ class SnapshotPayload(SnapworkerObject):
     # Version 1.2: instance_uuid nullable (a malformed request's);
     #              image_status is what Glance last reported;
     #              data_verified, shared_bytes, store
-    VERSION = '1.2'
+    # Version 1.3: Added bytes_written; strategy 'direct'
+    VERSION = '1.3'
 
     fields = {
         'request_id': fields.StringField(nullable=True),
@@ -44,7 +45,8 @@ class SnapshotPayload(SnapworkerObject):
         'instance_uuid': fields.UUIDField(nullable=True),
         'image_id': fields.UUIDField(),
         'host': fields.StringField(),
-        # 'clone', 'stream' or 'convert'; None until a plan is chosen.
+        # 'clone', 'direct', 'stream' or 'convert'; None until a plan is
+        # chosen.
         'strategy': fields.StringField(nullable=True),
         # Why this plan, in words, e.g. "qcow2 without backing file,
         # target qcow2: the file itself is the image".
@@ -61,6 +63,9 @@ class SnapshotPayload(SnapworkerObject):
         'bytes_uploaded': fields.IntegerField(default=0),
         # Total size of the upload when known in advance (streams know it).
         'bytes_total': fields.IntegerField(nullable=True),
+        # Direct writes only: bytes the worker wrote into the store itself
+        # (the disk's data; zeros are not written, the image stays thin).
+        'bytes_written': fields.IntegerField(nullable=True),
         'scratch_bytes': fields.IntegerField(default=0),
         # Bytes of a reflink copy shared with the disk (no space used
         # until the resumed guest rewrites them); None without a copy.

@@ -253,14 +253,16 @@ class SnapshotJob(sources_base.PlanContext):
         self._check_size(facts)
         self._store = self._snapshot_store(domain)
         target_format = self._target_format(facts)
-        # Only sources that can reference data in place (RBD) care where
-        # Glance keeps it; the others do not pay for the lookup.
+        # Only sources that can put data in a store themselves (RBD
+        # clones, direct writes) care where Glance keeps it; the others do
+        # not pay for the lookup.
         stores = self._images.stores() if (
             source.wants_glance_stores) else None
         release_first = domain.managed_save and (
             self._conf.worker.suspended_guest_plan == 'release_first')
         self._plan = plan = source.plan(target_format, stores,
-                                        release_first=release_first)
+                                        release_first=release_first,
+                                        store_id=self._store)
         self._describe(facts, plan)
         self.check_cancelled()
         self._emitter.start()

@@ -12,8 +12,8 @@ opts = [
                default='nova',
                help='Ceph client name (without ``client.``) the worker '
                     'connects as. It needs read access to the instances '
-                    'pool and, for the clone plan, write access to the '
-                    'Glance images pool.'),
+                    'pool and, for the clone plan and ``direct_write``, '
+                    'write access to the Glance images pool.'),
     cfg.StrOpt('keyring',
                help='Keyring of ``user``; unset uses the keyring named in '
                     'ceph.conf.'),
@@ -39,6 +39,28 @@ opts = [
                     'single-store Glances do not offer it); details Glance '
                     'reports take precedence. Unset and undiscoverable: '
                     'no clone plan, the data is streamed.'),
+    cfg.BoolOpt('direct_write',
+                default=False,
+                help='Write snapshots of file and block disks (raw target) '
+                     'straight into Glance\'s rbd store when the image '
+                     'goes to one ([glance] snapshot_store, else Glance\'s '
+                     'default store) in the cluster of ``ceph_conf``: the '
+                     'worker creates the RBD image as Glance would, writes '
+                     'only the disk\'s data (the image stays thin), hashes '
+                     'the whole disk while reading and registers the '
+                     'location with that checksum (the ``direct`` '
+                     'strategy). Glance\'s API never sees the bytes, so '
+                     'its ingest rate no longer bounds the snapshot. The '
+                     'worker\'s Ceph ``user`` then needs write access to '
+                     'Glance\'s pool, as Nova\'s ``direct_snapshot`` does; '
+                     'Glance needs its location API (``show_multiple_'
+                     'locations`` or the service role for API 2.17).'),
+    cfg.IntOpt('direct_writes_in_flight',
+               default=8,
+               min=1,
+               help='RBD writes the direct strategy keeps outstanding '
+                    '(librbd aio_write); each holds one ``[worker] '
+                    'chunk_size`` buffer.'),
     cfg.StrOpt('flatten',
                default='background',
                choices=[

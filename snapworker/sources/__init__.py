@@ -52,7 +52,7 @@ def remove_leftover(conf, kind, ref):
         convert.remove_scratch_dir(conf, ref)
     elif kind == base.REFLINK_DIR:
         reflink.remove_leftover(conf, ref)
-    elif kind in (base.RBD_SNAPSHOT, base.RBD_CLONE):
+    elif kind in (base.RBD_SNAPSHOT, base.RBD_CLONE, base.RBD_IMAGE):
         _ceph().remove_leftover(conf, kind, ref)
     else:
         raise ValueError(f'unknown resource kind {kind!r}')

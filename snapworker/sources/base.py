@@ -15,7 +15,8 @@ it, in this order:
    faithfully (encryption, external data files, unknown formats), before
    a single byte of data is read or sent.
 2. ``plan(target_format, store)`` - the cheapest ``Plan`` that produces the
-   image: ``clone`` (no data moves), ``stream`` (one read, no scratch) or
+   image: ``clone`` (no data moves), ``direct`` (one read, only data
+   written into Glance's RBD pool), ``stream`` (one read, no scratch) or
    ``convert`` (what Nova does today).
 3. ``verify_unchanged()`` - once the data is read: what was pinned is
    still what it was (else ``SourceChanged``).
@@ -27,7 +28,7 @@ which writes a file) and may call only what that class declares::
 
     ctx.image_id                     # names resources before they exist
     ctx.upload(body, disk_format)    # body: .size, .read(n), .bytes_read
-    ctx.register_location(url, validation_data)   # clone plans
+    ctx.register_location(url, validation_data)   # clone, direct plans
     ctx.source_released()            # the disk is no longer needed
     ctx.add_scratch_bytes(n)         # truthful scratch accounting
     ctx.add_bytes_read(n)
@@ -69,6 +70,9 @@ SUPPORTED_TARGET_FORMATS = ('raw', 'qcow2')
 SCRATCH_DIR = 'scratch_dir'
 RBD_SNAPSHOT = 'rbd_snapshot'
 RBD_CLONE = 'rbd_clone'
+#: An RBD image the direct plan writes into Glance's pool (``pool/<image
+#: id>``, named as glance_store names its images).
+RBD_IMAGE = 'rbd_image'
 #: The job's Glance image (ref: its id), when its deletion is pending.
 GLANCE_IMAGE = 'glance_image'
 #: A reflink copy's directory under ``<instances_path>/.snapworker``.
@@ -152,12 +156,16 @@ class PlanResult:
     #: Reflink copies: bytes the copy shares with the disk (no new space
     #: until the resumed guest rewrites them).
     shared_bytes: int | None = None
+    #: Plans that write the image's data themselves (direct): the Glance
+    #: store it went to, and the bytes written into it.
+    store: str | None = None
+    bytes_written: int | None = None
 
 
 class Plan(abc.ABC):
     """One way of turning a source into the image's data."""
 
-    #: 'clone', 'stream' or 'convert', as reported in notifications.
+    #: 'clone', 'direct', 'stream' or 'convert', as in notifications.
     strategy = None
 
     def __init__(self, target_format, reason):
@@ -197,8 +205,9 @@ class StreamPlan(Plan):
 class Source(abc.ABC):
     """One instance disk."""
 
-    #: Whether ``plan()`` needs Glance's stores (only a source that can
-    #: reference its data in place, RBD, does; the others skip the call).
+    #: Whether ``plan()`` needs Glance's stores (a source that can
+    #: reference its data in place, RBD, or write it into a store itself,
+    #: ``[rbd] direct_write``; the others skip the call).
     wants_glance_stores = False
 
     @abc.abstractmethod
@@ -206,13 +215,18 @@ class Source(abc.ABC):
         """Return ``SourceFacts``; raise UnsupportedDisk when unusable."""
 
     @abc.abstractmethod
-    def plan(self, target_format, store=None, release_first=False):
+    def plan(self, target_format, store=None, release_first=False,
+             store_id=None):
         """Return the cheapest ``Plan`` for the target format.
 
         :param target_format: 'raw' or 'qcow2' (already resolved: None
             means the source's own format and is replaced by the caller).
-        :param store: facts about the Glance store the image will live in,
-            for plans that can reference data in place (RBD clones).
+        :param store: Glance's stores (``glance.ImageService.stores()``),
+            for plans that put data in a store themselves (RBD clones,
+            direct writes); given only to sources that want them
+            (``wants_glance_stores``).
+        :param store_id: the store ``[glance] snapshot_store`` resolved to
+            for this instance; None: Glance's default store.
         :param release_first: a suspended guest waits for the disk
             (``[worker] suspended_guest_plan``): prefer the plan that
             releases it soonest over the one that finishes soonest.

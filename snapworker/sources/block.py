@@ -31,7 +31,14 @@ class BlockSource(chain.PinnedSource):
         return chain.open_block_device(
             self.path, self._conf.worker.block_device_prefixes)
 
-    def plan(self, target_format, store=None, release_first=False):
+    def plan(self, target_format, store=None, release_first=False,
+             store_id=None):
+        """Stream (or directly write, ``[rbd] direct_write``) the device;
+        the convert plan for compression or a suspended guest.
+
+        A device has no allocation map: the direct plan reads it in full
+        and skips the all-zero pieces, so the RBD image stays thin.
+        """
         pinned = self.pinned
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
             return convert.compressed_plan(self, self._conf)
@@ -41,9 +48,12 @@ class BlockSource(chain.PinnedSource):
         device = pinned.top.proc_path
         chunk = self._conf.worker.chunk_size
         drop = self.bypass_cache
-        return base.StreamPlan(
-            target_format,
-            f'block device to {target_format}: read once, in full',
-            lambda: streams.open_stream(
-                extents.BlockDeviceView(device, drop_cache=drop),
-                target_format, chunk))
+
+        def view():
+            return extents.BlockDeviceView(device, drop_cache=drop)
+
+        return self.direct_plan(target_format, store, store_id, view) or (
+            base.StreamPlan(
+                target_format,
+                f'block device to {target_format}: read once, in full',
+                lambda: streams.open_stream(view(), target_format, chunk)))

@@ -185,7 +185,8 @@ def worker_snapshot(text):
 
 
 def worker_clone(text):
-    """The ref of a clone this worker made: ``<glance pool>/<image id>``.
+    """The ref of a clone or image this worker made in Glance's pool:
+    ``<glance pool>/<image id>``.
 
     :raises ValueError: anything else.
     """
@@ -196,10 +197,11 @@ def worker_clone(text):
 
 
 def remove_leftover(conf, kind, ref):
-    """Remove an RBD snapshot or clone that a crashed worker's job left.
+    """Remove an RBD snapshot, clone or image a crashed worker's job left.
 
-    :param kind: ``base.RBD_SNAPSHOT`` (ref ``pool/image@snapworker-*``)
-        or ``base.RBD_CLONE`` (ref ``pool/<image id>``).
+    :param kind: ``base.RBD_SNAPSHOT`` (ref ``pool/image@snapworker-*``),
+        ``base.RBD_CLONE`` or ``base.RBD_IMAGE`` (ref ``pool/<image id>``,
+        its ``snap`` snapshot unprotected and removed with it).
 
     The ref comes from a journal file, so only what this worker creates
     is touched: snapshots named with SNAP_PREFIX, clones named by an
@@ -207,7 +209,7 @@ def remove_leftover(conf, kind, ref):
     """
     if kind == base.RBD_SNAPSHOT:
         target = worker_snapshot(ref)
-    elif kind == base.RBD_CLONE:
+    elif kind in (base.RBD_CLONE, base.RBD_IMAGE):
         target = worker_clone(ref)
     else:
         raise ValueError(f'{ref!r} is not a snapworker {kind}')

@@ -40,6 +40,7 @@ import struct
 from snapworker import exception
 from snapworker import hostio
 from snapworker.sources import base
+from snapworker.sources import direct
 from snapworker.sources import qcow2_header
 
 #: Nova chains are one or two files deep (overlay, ``_base``); a guest
@@ -397,6 +398,24 @@ class PinnedSource(base.Source):
     def verify_unchanged(self):
         if self.pinned is not None:
             self.pinned.verify_unchanged()
+
+    @property
+    def wants_glance_stores(self):
+        """Only a worker allowed to write Glance's pool asks for them."""
+        return self._conf.rbd.direct_write
+
+    def direct_plan(self, target_format, stores, store_id, open_view):
+        """The ``direct`` plan if it applies (raw target, an rbd store
+        that ``[rbd] direct_write`` lets the worker write), else None."""
+        target = direct.rbd_target(stores, store_id, self._conf)
+        if target_format != 'raw' or target is None:
+            return None
+        where = target.store_id or "Glance's store"
+        return direct.DirectPlan(
+            f'{self.kind} disk to raw in {where} (rbd pool {target.pool}): '
+            f'only data written into the pool, hashed while read, '
+            f'location registered', open_view, self.facts.virtual_size,
+            target, self._conf)
 
     @property
     def bypass_cache(self):

@@ -36,7 +36,8 @@ class FileSource(chain.PinnedSource):
         return chain.open_file_chain(self.path, self._driver_format,
                                      self._allowed_dir)
 
-    def plan(self, target_format, store=None, release_first=False):
+    def plan(self, target_format, store=None, release_first=False,
+             store_id=None):
         """Pick the plan; only compressed qcow2 output needs scratch space.
 
         A guest suspended for the snapshot (``release_first``) resumes
@@ -55,7 +56,12 @@ class FileSource(chain.PinnedSource):
         internal snapshots or dirty            chain, read via qemu-nbd
         qcow2 (any chain)             raw      the chain via qemu-nbd
         anything, compression asked   qcow2    convert (scratch copy)
+        any, Glance store is rbd and  raw      direct: only data written
+        ``[rbd] direct_write``                 into Glance's pool
         ============================  =======  ============================
+
+        A suspended guest still gets its reflink or convert plan first:
+        the direct write, like a stream, holds the disk until it is read.
         """
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
             return convert.compressed_plan(self, self._conf)
@@ -64,7 +70,11 @@ class FileSource(chain.PinnedSource):
                 return reflink.ReflinkPlan(target_format, self, self._conf)
             return convert.release_first_plan(target_format, self,
                                               self._conf)
-        return self.stream_plan(self.pinned, target_format)
+        pinned = self.pinned
+        return self.direct_plan(
+            target_format, store, store_id,
+            lambda: self._raw_view(pinned)) or self.stream_plan(
+                pinned, target_format)
 
     def stream_plan(self, pinned, target_format):
         """The stream plan for ``pinned`` (this disk's chain, or a copy)."""
@@ -79,20 +89,24 @@ class FileSource(chain.PinnedSource):
                 'image',
                 lambda: passthrough.FileStream(top, chunk, drop_cache=drop))
         if pinned.format == 'raw':
-            return base.StreamPlan(
-                target_format,
-                f'raw file to {target_format}: streamed from its data map, '
-                f'holes not read',
-                lambda: streams.open_stream(
-                    extents.RawFileView(top, drop_cache=drop),
-                    target_format, chunk))
+            reason = (f'raw file to {target_format}: streamed from its data '
+                      f'map, holes not read')
+        else:
+            reason = (f'qcow2 with {len(pinned.backing_paths)} backing '
+                      f'file(s) to {target_format}: active layer flattened '
+                      f'through a read-only qemu-nbd export')
         return base.StreamPlan(
-            target_format,
-            f'qcow2 with {len(pinned.backing_paths)} backing file(s) to '
-            f'{target_format}: active layer flattened through a read-only '
-            f'qemu-nbd export',
-            lambda: streams.open_stream(self._nbd_view(pinned),
+            target_format, reason,
+            lambda: streams.open_stream(self._raw_view(pinned),
                                         target_format, chunk))
+
+    def _raw_view(self, pinned):
+        """The guest content of ``pinned``: the file's own data map for
+        raw, the flattened chain through qemu-nbd otherwise."""
+        if pinned.format == 'raw':
+            return extents.RawFileView(pinned.top.proc_path,
+                                       drop_cache=self.bypass_cache)
+        return self._nbd_view(pinned)
 
     def _nbd_view(self, pinned):
         conf = self._conf

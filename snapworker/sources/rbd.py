@@ -184,7 +184,8 @@ class RbdSource(base.Source):
             for handle in reversed(opened):
                 handle.close()
 
-    def plan(self, target_format, store=None, release_first=False):
+    def plan(self, target_format, store=None, release_first=False,
+             store_id=None):
         """Clone when Glance keeps raw images in this cluster, else stream.
 
         ``store`` is the list ``ImageService.stores()`` returns (or None):
@@ -198,7 +199,8 @@ class RbdSource(base.Source):
         =============================================  ========  =======
 
         ``release_first`` changes nothing: both plans release the disk as
-        soon as their RBD snapshot exists.
+        soon as their RBD snapshot exists. ``store_id`` is not used: ``[rbd]
+        glance_store`` says where RBD disks' snapshots go.
         """
         target = self._glance_target(store or [])
         if target_format == 'raw' and target.get('pool'):

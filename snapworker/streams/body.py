@@ -21,6 +21,35 @@ MiB = units.Mi
 DEFAULT_CHUNK_SIZE = 4 * MiB
 
 
+def placed_pieces(view, extents, chunk_size):
+    """Yield ``(offset, length, data)`` covering ``extents`` in order.
+
+    ``data`` is the bytes of a data range, read in pieces of at most
+    ``chunk_size``, or None for a whole zero extent (never read). The
+    reads are planned ahead and handed to the view as one ordered
+    sequence (``pread_many``), so a view that can keep several requests
+    in flight (NBD) reads ahead while earlier pieces are consumed.
+    """
+    pieces, ahead = itertools.tee(_chunked(extents, chunk_size))
+    data = view.pread_many(
+        (offset, length) for offset, length, is_data in ahead if is_data)
+    try:
+        for offset, length, is_data in pieces:
+            yield offset, length, next(data) if is_data else None
+    finally:
+        data.close()
+
+
+def _chunked(extents, chunk_size):
+    """(offset, length, is_data): data in chunks, zeros whole."""
+    for ext in extents:
+        if not ext.data:
+            yield ext.start, ext.length, False
+            continue
+        for offset in range(ext.start, ext.end, chunk_size):
+            yield offset, min(chunk_size, ext.end - offset), True
+
+
 class PieceStream(abc.ABC):
     """A read-only stream assembled from a generator of byte pieces.
 
@@ -98,34 +127,13 @@ class PieceStream(abc.ABC):
             length -= step
 
     def _extent_pieces(self, extents) -> Iterator[bytes]:
-        """Yield the content of ``extents``: zeros, or chunked reads.
-
-        The reads are planned ahead and handed to the view as one ordered
-        sequence (``pread_many``), so a view that can keep several
-        requests in flight (NBD) reads ahead while earlier chunks are
-        sent; zeros are interleaved as the plan says.
-        """
-        pieces, ahead = itertools.tee(self._chunked(extents))
-        data = self.view.pread_many(
-            (offset, length) for offset, length, is_data in ahead
-            if is_data)
-        try:
-            for _offset, length, is_data in pieces:
-                if is_data:
-                    yield next(data)
-                else:
-                    yield from self._zero_pieces(length)
-        finally:
-            data.close()
-
-    def _chunked(self, extents):
-        """(offset, length, is_data): data in chunks, zeros whole."""
-        for ext in extents:
-            if not ext.data:
-                yield ext.start, ext.length, False
-                continue
-            for offset in range(ext.start, ext.end, self.chunk_size):
-                yield offset, min(self.chunk_size, ext.end - offset), True
+        """Yield the content of ``extents``: zeros, or chunked reads."""
+        for _offset, length, data in placed_pieces(self.view, extents,
+                                                   self.chunk_size):
+            if data is None:
+                yield from self._zero_pieces(length)
+            else:
+                yield data
 
     def close(self) -> None:
         """Stop the generator and close the view; idempotent."""

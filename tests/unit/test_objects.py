@@ -15,7 +15,7 @@ from oslo_versionedobjects import fixture
 from snapworker import objects
 
 object_data = {
-    'SnapshotPayload': '1.2-e2a97875ecea32b2e7755b50c7db36ee',
+    'SnapshotPayload': '1.3-7e670483c36e69bff66ef26698385c59',
 }
 
 
