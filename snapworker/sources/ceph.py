@@ -124,15 +124,21 @@ def _check_part(what, part):
         raise ValueError(f'{what} name {part!r} contains {bad[0]!r}')
 
 
-def connect(conf):
+def connect(conf, op_timeout=None):
     """A connected ``rados.Rados`` for ``[rbd]``; the caller shuts it down.
 
     ``client_mount_timeout`` is what bounds the wait for the monitors (the
     ``timeout`` argument of ``connect()`` does not): an unreachable
     cluster fails the snapshot in ``connect_timeout`` seconds.
+
+    :param op_timeout: seconds after which an OSD operation fails
+        (``rados_osd_op_timeout``) instead of waiting; a full pool makes
+        writes wait for space forever otherwise. None: wait.
     """
     opts = conf.rbd
     settings = {'client_mount_timeout': str(opts.connect_timeout)}
+    if op_timeout:
+        settings['rados_osd_op_timeout'] = str(op_timeout)
     if opts.keyring:
         settings['keyring'] = opts.keyring
     conn = rados.Rados(conffile=opts.ceph_conf, rados_id=opts.user,

@@ -102,7 +102,8 @@ class GlanceRbdImage:
             or the image exists already (another job, or a leftover:
             never reused).
         """
-        self._conn = ceph.connect(self._conf)
+        self._conn = ceph.connect(self._conf,
+                                  op_timeout=self._stall_timeout)
         try:
             self._fsid = self._conn.get_fsid()
             if fsid and fsid != self._fsid:
