@@ -46,8 +46,12 @@ _MODULES = {
 }
 
 
-def up(state_dir, with_ceph, with_cloud=False):
-    """Start everything, write services.json and return its content."""
+def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False):
+    """Start everything, write services.json and return its content.
+
+    :param rbd_thin: Glance's rbd stores skip zero chunks
+        (``rbd_thin_provisioning``), for benchmarks of sparse disks.
+    """
     state_path = os.path.join(state_dir, STATE_FILE)
     if os.path.exists(state_path):
         raise services.ServiceError(
@@ -68,7 +72,7 @@ def up(state_dir, with_ceph, with_cloud=False):
             ceph = importlib.import_module(_MODULES["ceph"])
             started["ceph"] = _timed("ceph", ceph.start,
                                      os.path.join(state_dir, "ceph"))
-            rbd = started["ceph"].glance_rbd()
+            rbd = dict(started["ceph"].glance_rbd(), thin=rbd_thin)
         cloud = transport_url if with_cloud else None
         _start_in_parallel(state_dir, rbd, started, cloud)
         started["rabbit_cluster"] = cluster.result()
@@ -179,11 +183,15 @@ def main(argv=None):
                         help="also start a single-node Ceph (up only)")
     parser.add_argument("--with-cloud", action="store_true",
                         help="also start a one-machine OpenStack (up only)")
+    parser.add_argument("--glance-rbd-thin", action="store_true",
+                        help="Glance's rbd stores skip zero chunks "
+                             "(rbd_thin_provisioning; up --with-ceph only)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
     try:
         if args.command == "up":
-            state = up(state_dir, args.with_ceph, args.with_cloud)
+            state = up(state_dir, args.with_ceph, args.with_cloud,
+                       args.glance_rbd_thin)
             print("services up; state in %s"
                   % os.path.join(state_dir, STATE_FILE))
             for key in ("transport_url", "glance_url", "glance_noauth_url",
