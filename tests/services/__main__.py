@@ -46,11 +46,14 @@ _MODULES = {
 }
 
 
-def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False):
+def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
+       rbd_default=False):
     """Start everything, write services.json and return its content.
 
     :param rbd_thin: Glance's rbd stores skip zero chunks
         (``rbd_thin_provisioning``), for benchmarks of sparse disks.
+    :param rbd_default: Glance's default store is ``ceph``, where Nova's
+        own snapshots (which name no store) then go.
     """
     state_path = os.path.join(state_dir, STATE_FILE)
     if os.path.exists(state_path):
@@ -72,7 +75,8 @@ def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False):
             ceph = importlib.import_module(_MODULES["ceph"])
             started["ceph"] = _timed("ceph", ceph.start,
                                      os.path.join(state_dir, "ceph"))
-            rbd = dict(started["ceph"].glance_rbd(), thin=rbd_thin)
+            rbd = dict(started["ceph"].glance_rbd(), thin=rbd_thin,
+                       default=rbd_default)
         cloud = transport_url if with_cloud else None
         _start_in_parallel(state_dir, rbd, started, cloud)
         started["rabbit_cluster"] = cluster.result()
@@ -186,12 +190,15 @@ def main(argv=None):
     parser.add_argument("--glance-rbd-thin", action="store_true",
                         help="Glance's rbd stores skip zero chunks "
                              "(rbd_thin_provisioning; up --with-ceph only)")
+    parser.add_argument("--glance-rbd-default", action="store_true",
+                        help="Glance's default store is the rbd one "
+                             "(up --with-ceph only)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
     try:
         if args.command == "up":
             state = up(state_dir, args.with_ceph, args.with_cloud,
-                       args.glance_rbd_thin)
+                       args.glance_rbd_thin, args.glance_rbd_default)
             print("services up; state in %s"
                   % os.path.join(state_dir, STATE_FILE))
             for key in ("transport_url", "glance_url", "glance_noauth_url",

@@ -114,7 +114,9 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
     """Start Glance with its config, database and stores under state_dir.
 
     rbd, if given, adds a ``ceph`` rbd store beside the default ``local``
-    file store: a dict with ``ceph_conf``, ``user``, ``pool``, ``keyring``.
+    file store: a dict with ``ceph_conf``, ``user``, ``pool``, ``keyring``
+    (and optionally ``thin``: skip zero chunks; ``default``: ``ceph`` is
+    the default store).
     One uWSGI process by default: with several, Glance's sqlite database
     answers concurrent writes with "database is locked" (HTTP 500) even in
     WAL mode, because a read transaction cannot upgrade to a write after
@@ -231,7 +233,7 @@ def _write_config(state_dir, port, pipeline, rbd):
         connection = sqlite:///{state_dir}/glance.sqlite
 
         [glance_store]
-        default_backend = local
+        default_backend = {"ceph" if rbd and rbd.get("default") else "local"}
 
         [local]
         filesystem_store_datadir = {state_dir}/images/
