@@ -42,7 +42,6 @@ about five minutes on 2 cores.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
@@ -56,7 +55,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import uuid
 
@@ -64,9 +62,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # Imports nothing of snapworker: safe in the nova-compute child too.
+import benchkit  # noqa: E402
 import pagecache  # noqa: E402  (this folder is sys.path[0])
-
-from tests.services import worker as worker_service  # noqa: E402
+from benchkit import PeakSampler  # noqa: E402
+from benchkit import allocated_bytes  # noqa: E402
+from benchkit import loadavg  # noqa: E402
+from benchkit import log  # noqa: E402
+from benchkit import reset_peak_rss  # noqa: E402
+from benchkit import run  # noqa: E402
+from benchkit import tree_allocated  # noqa: E402
+from benchkit import tree_cpu  # noqa: E402
+from benchkit import tree_io  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -99,15 +105,6 @@ CASES = (
     Case('raw-qcow2', 'raw -> qcow2 (snapshot_image_format = qcow2)', 'raw',
          'qcow2'),
 )
-
-
-def log(message):
-    """Progress goes to stderr so stdout carries only the results."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def run(*argv):
-    subprocess.run(argv, check=True, capture_output=True)
 
 
 # -- disks --------------------------------------------------------------------
@@ -199,102 +196,7 @@ def define_domain(conn, disk):
         f"</disk></devices></domain>")
 
 
-def allocated_bytes(path):
-    return os.stat(path).st_blocks * 512
-
-
 # -- measuring ----------------------------------------------------------------
-
-
-def tree_allocated(top):
-    """Bytes allocated by the files under ``top`` (0 if it is absent)."""
-    total = 0
-    for root, _dirs, files in os.walk(top):
-        for name in files:
-            try:
-                total += allocated_bytes(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
-
-
-class PeakSampler:
-    """The largest value of ``sample()`` while the ``with`` block runs.
-
-    Scratch files and helper processes appear and vanish within a run, so
-    only sampling while it runs sees their peak. A final sample is taken
-    at exit so that a very short run still gets one.
-    """
-
-    def __init__(self, sample, interval=0.05):
-        self._sample = sample
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.peak = 0
-
-    def _take(self):
-        try:
-            self.peak = max(self.peak, self._sample())
-        except OSError:
-            pass
-
-    def _loop(self):
-        while not self._stop.wait(self._interval):
-            self._take()
-
-    def __enter__(self):
-        self._take()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._take()
-
-
-def _proc_field(path, field):
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def tree_io(pid):
-    """Storage bytes read and written by a process tree so far.
-
-    /proc/PID/io counts what reached the block layer (a cold read, an
-    O_DIRECT write), and a reaped child's counts are added to its parent,
-    so qemu-img and qemu-nbd runs are included once they have exited.
-    """
-    read = written = 0
-    for member in worker_service.process_tree(pid):
-        try:
-            read += _proc_field(f'/proc/{member}/io', 'read_bytes:')
-            written += _proc_field(f'/proc/{member}/io', 'write_bytes:')
-        except OSError:
-            continue
-    return read, written
-
-
-def tree_cpu(pid):
-    """CPU seconds a process tree has used so far, reaped children included.
-
-    This is where the time goes on 2 cores: Glance's ingest and the
-    snapshot's own reading and encoding compete for the same CPUs.
-    """
-    total = 0
-    for member in worker_service.process_tree(pid):
-        try:
-            with open(f'/proc/{member}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        # utime, stime, cutime, cstime: fields 14-17 of proc(5).
-        total += sum(int(ticks) for ticks in fields[11:15])
-    return total / os.sysconf('SC_CLK_TCK')
 
 
 class CpuMeter:
@@ -320,20 +222,6 @@ class CpuMeter:
         after = self._now()
         self.seconds = {name: round(after[name] - self._before[name], 2)
                         for name in after}
-
-
-def reset_peak_rss(pid):
-    """Reset VmHWM of a long-lived process tree to its current RSS.
-
-    Without it the worker's high-water mark would carry over from the
-    previous, possibly bigger, case.
-    """
-    for member in worker_service.process_tree(pid):
-        try:
-            with open(f'/proc/{member}/clear_refs', 'w') as f:
-                f.write('5\n')
-        except OSError:
-            pass
 
 
 # -- Nova's side: a child process that plays nova-compute ---------------------
@@ -538,13 +426,13 @@ class Worker:
     def __init__(self, work, state):
         conf_path = os.path.join(work, 'snapworker.conf')
         self.scratch_dir = os.path.join(work, 'scratch')
-        worker_service.write_config(
-            conf_path, host=HOST, services=state,
+        benchkit.write_worker_config(
+            conf_path, host=HOST, state=state,
             instances_path=os.path.join(work, 'instances'),
             scratch_dir=self.scratch_dir,
             glance_url=state['glance_noauth_url'],
             extra={'debug': False})
-        self.process = worker_service.WorkerProcess(
+        self.process = benchkit.WorkerProcess(
             conf_path, os.path.join(work, 'worker.log'))
         self.conf_path = conf_path
         self.api = None
@@ -621,11 +509,7 @@ class Images:
     """The unauthenticated Glance both sides upload to."""
 
     def __init__(self, url, work):
-        from tests.services import glance as glance_service
-
-        self.client = glance_service.GlanceService(
-            url=url, state_dir='', log_path='', pid=0,
-            pipeline='unauthenticated').client()
+        self.client = benchkit.glance_client(url)
         self.work = work
 
     def create(self, name, instance_uuid, **fields):
@@ -796,16 +680,6 @@ def run_case(ctx, case, disk, repeat):
             'median': medians(runs)}
 
 
-def loadavg():
-    """The 1-minute load average, recorded with every run.
-
-    On 2 cores anything else running (another benchmark, a test suite)
-    skews the numbers; this shows which runs it touched.
-    """
-    with open('/proc/loadavg') as f:
-        return float(f.read().split()[0])
-
-
 def disk_facts(disk):
     return {'format': disk.fmt, 'path': disk.path,
             'allocated_bytes': sum(allocated_bytes(p) for p in disk.files),
@@ -947,12 +821,14 @@ def build(work, conn, size):
 
 def benchmark(args, work, state_dir):
     """Services, disks, the nova-compute child and the worker; all cases."""
+
+    with benchkit.services(state_dir) as state:
+        return _benchmark(args, work, state)
+
+
+def _benchmark(args, work, state):
     import libvirt
 
-    from tests.services import __main__ as services
-
-    with contextlib.redirect_stdout(sys.stderr):
-        state = services.up(state_dir, with_ceph=False)
     conn = libvirt.open(state['libvirt_uri'])
     nova = NovaCompute(work, state)
     worker = Worker(work, state)
@@ -1003,9 +879,6 @@ def main(argv=None):
     try:
         results = benchmark(args, work, state_dir)
     finally:
-        from tests.services import __main__ as services
-        with contextlib.redirect_stdout(sys.stderr):
-            services.down(state_dir)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
