@@ -423,17 +423,22 @@ class Worker:
     unauthenticated Glance as Nova, so both pay the same ingest.
     """
 
-    def __init__(self, work, state):
-        conf_path = os.path.join(work, 'snapworker.conf')
-        self.scratch_dir = os.path.join(work, 'scratch')
+    def __init__(self, work, state, host=HOST, extra=None):
+        """:param host: the worker's host (its RPC server); one per
+            worker when a benchmark runs several.
+        :param extra: more options, ``{'group.option': value}``.
+        """
+        self.host = host
+        conf_path = os.path.join(work, f'{host}.conf')
+        self.scratch_dir = os.path.join(work, f'scratch-{host}')
         benchkit.write_worker_config(
-            conf_path, host=HOST, state=state,
+            conf_path, host=host, state=state,
             instances_path=os.path.join(work, 'instances'),
             scratch_dir=self.scratch_dir,
             glance_url=state['glance_noauth_url'],
-            extra={'debug': False})
+            extra=dict({'debug': False}, **(extra or {})))
         self.process = benchkit.WorkerProcess(
-            conf_path, os.path.join(work, 'worker.log'))
+            conf_path, os.path.join(work, f'{host}.log'))
         self.conf_path = conf_path
         self.api = None
 
@@ -475,8 +480,8 @@ class Worker:
                 PeakSampler(self.process.peak_rss) as rss, \
                 PeakSampler(lambda: tree_allocated(self.scratch_dir)) as sc:
             begin = time.monotonic()
-            self.api.create_snapshot(context, HOST, instance_uuid, image_id,
-                                     target_format=target_format)
+            self.api.create_snapshot(context, self.host, instance_uuid,
+                                     image_id, target_format=target_format)
             for event in sub.until_finished(RUN_TIMEOUT):
                 last = event
             end = time.monotonic()
@@ -497,6 +502,7 @@ class Worker:
             'bytes_read': io_after[0] - io_before[0],
             'bytes_written': io_after[1] - io_before[1],
             'peak_rss': rss.peak,
+            'payload': dict(payload),
         }
 
     def stop(self):
