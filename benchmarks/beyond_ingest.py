@@ -21,6 +21,11 @@ Cases (rows of the table and of ``--json``)::
                pipelined NBD reads) into a pipe, against ``nbdcopy``
   pagecache    a 1 GiB raw disk snapshotted (worker-api): the page cache
                the source leaves behind ([worker] read_cache = bypass)
+  held         a guest Nova suspended for the snapshot (managed save), a
+               2 GiB overlay with 1 GiB of data, raw into the rbd store:
+               how long it waits, with a reflink copy (instances path on
+               a loop-mounted XFS, reflink=1), the convert plan (a copy in
+               scratch_dir, Nova's way) and a plain stream
 
 Every row has ``case``, ``method``, ``seconds``, ``bytes_read`` (storage
 bytes the method's processes read, cold cache), ``bytes_written`` (local
@@ -70,7 +75,7 @@ GiB = benchkit.GiB
 ROW_FIELDS = ('case', 'method', 'seconds', 'bytes_read', 'bytes_written',
               'scratch_bytes', 'peak_rss_bytes', 'page_cache_bytes_after',
               'guest_held_seconds')
-CASES = ('ingest', 'digest', 'stream', 'pagecache')
+CASES = ('ingest', 'digest', 'stream', 'pagecache', 'held')
 
 
 def row(case, method, **fields):
@@ -285,6 +290,46 @@ def pagecache(ctx):
     return rows
 
 
+def held(ctx, state, work):
+    """A suspended guest's wait: reflink copy vs convert vs stream."""
+    xfs = os.path.join(work, 'xfs')
+    image = os.path.join(work, 'xfs.img')
+    os.makedirs(xfs)
+    with open(image, 'wb') as f:
+        f.truncate(8 * GiB)
+    benchkit.run('mkfs.xfs', '-q', '-m', 'reflink=1', image)
+    benchkit.run('mount', '-o', 'loop', image, xfs)
+    workers = []
+    try:
+        ext4 = os.path.join(work, 'instances')
+        plans = (('reflink', xfs, {}),
+                 ('convert', ext4, {}),
+                 ('stream', ext4, {'worker.suspended_guest_plan': 'stream'}))
+        rows = []
+        for method, instances, extra in plans:
+            worker = svn.Worker(work, state, host=f'bench-held-{method}',
+                                extra=extra, instances_path=instances)
+            workers.append(worker)
+            worker.start()
+            disk = benchkit.nova_overlay(instances, 2 * GiB, GiB)
+            benchkit.define_domain(ctx['conn'], disk, svn.PROJECT_ID)
+            dom = ctx['conn'].lookupByUUIDString(disk.instance_uuid)
+            dom.create()
+            dom.managedSave(0)
+            try:
+                ctx['workers'][method] = worker
+                r = ingest(ctx, 'held-2G', disk, (method,))[0]
+                rows.append(r)
+            finally:
+                dom.managedSaveRemove(0)
+                benchkit.remove_disk(disk)
+        return rows
+    finally:
+        for worker in workers:
+            worker.stop()
+        subprocess.run(['umount', '-l', xfs], check=False)
+
+
 # -- main ---------------------------------------------------------------------
 
 def machine():
@@ -346,6 +391,10 @@ def ratios(rows):
     p = by.get(('pagecache-1G', 'worker-api'))
     if p:
         out['page_cache_share_1G'] = p['page_cache_share']
+    for method in ('reflink', 'convert', 'stream'):
+        r = by.get(('held-2G', method))
+        if r:
+            out[f'held_seconds_{method}'] = r['guest_held_seconds']
     return out
 
 
@@ -400,6 +449,8 @@ def _benchmark(args, work, state):
             rows += stream_vs_nbdcopy(disk10)
         if 'pagecache' in args.case:
             rows += pagecache(ctx)
+        if 'held' in args.case:
+            rows += held(ctx, state, work)
         return rows
     finally:
         for worker in workers.values():

@@ -423,17 +423,20 @@ class Worker:
     unauthenticated Glance as Nova, so both pay the same ingest.
     """
 
-    def __init__(self, work, state, host=HOST, extra=None):
+    def __init__(self, work, state, host=HOST, extra=None,
+                 instances_path=None):
         """:param host: the worker's host (its RPC server); one per
             worker when a benchmark runs several.
         :param extra: more options, ``{'group.option': value}``.
+        :param instances_path: ``<work>/instances`` by default.
         """
         self.host = host
         conf_path = os.path.join(work, f'{host}.conf')
         self.scratch_dir = os.path.join(work, f'scratch-{host}')
         benchkit.write_worker_config(
             conf_path, host=host, state=state,
-            instances_path=os.path.join(work, 'instances'),
+            instances_path=(instances_path
+                            or os.path.join(work, 'instances')),
             scratch_dir=self.scratch_dir,
             glance_url=state['glance_noauth_url'],
             extra=dict({'debug': False}, **(extra or {})))
