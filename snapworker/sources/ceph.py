@@ -1,7 +1,8 @@
 """Ceph plumbing of the RBD modules: connections, references, removal.
 
-With sources/rbd.py (the source and its plans) the only module that
-imports rados/rbd; the disk view (streams/rbd.py) and the background
+With sources/rbd.py (the source and its plans) and sources/rbd_write.py
+(the direct plan's writes into Glance's pool) the only modules that
+import rados/rbd; the disk view (streams/rbd.py) and the background
 flattener (sources/flattener.py) are handed what they need from here, so
 that a worker without RBD disks never loads librados.
 

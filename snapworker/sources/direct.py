@@ -38,11 +38,15 @@ when a direct plan runs.
 
 import dataclasses
 
+from oslo_log import log as logging
+
 from snapworker import exception
 from snapworker import hostio
 from snapworker.sources import base
 from snapworker.streams import body as streams_body
 from snapworker.streams import digest as streams_digest
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +176,30 @@ class DirectPlan(base.Plan):
                 image.write(offset, data)
 
     def cleanup(self):
-        """Remove the RBD image unless Glance owns it; close Ceph."""
+        """Remove the RBD image unless Glance owns it; close Ceph.
+
+        Never raises: it runs while a failure propagates, whose cause
+        must not be replaced by a cleanup error. A removal that fails (a
+        full pool refuses even that until space is freed) is logged with
+        what to remove by hand.
+        """
         image, self._image = self._image, None
         if image is None:
             return
         try:
             if not self._handed_over:
                 image.remove()
+        except Exception:
+            LOG.exception('Could not remove RBD image %s of a failed '
+                          'snapshot; remove it by hand (rbd snap unprotect '
+                          '%s@snap; rbd snap purge; rbd rm)', image.ref,
+                          image.ref)
         finally:
-            image.close()
+            try:
+                image.close()
+            except Exception:
+                LOG.exception('Closing the Ceph connection of %s failed',
+                              image.ref)
 
 
 def checked_extents(view, virtual_size):

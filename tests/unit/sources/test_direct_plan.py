@@ -289,6 +289,20 @@ class DirectPlanRunTestCase(testtools.TestCase):
         plan.cleanup()  # idempotent
         self.assertNotIn('register_location', [c[0] for c in ctx.calls])
 
+    def test_a_failed_removal_keeps_the_first_error(self):
+        path, content = self._disk()
+        ctx = _Context()
+        ctx.fail_on = 'source_released'
+        plan = self._plan(lambda: extents.RawFileView(path), len(content))
+
+        def remove(image):
+            raise OSError('pool full')
+
+        self.useFixture(fixtures.MonkeyPatch(
+            f'{__name__}._FakeImage.remove', remove))
+        self.assertRaises(exception.SourceChanged, plan.run, ctx)
+        self.assertTrue(_FakeImage.last.closed)
+
     def test_a_changed_source_removes_the_image(self):
         path, content = self._disk()
         ctx = _Context()
