@@ -365,25 +365,28 @@ def table(rows):
     return '\n'.join(lines)
 
 
-def ratios(rows):
+def ratios(rows, virtual):
     """The issue's targets, from the rows."""
     by = {(r['case'], r['method']): r for r in rows}
     out = {}
+    small, big = f'ingest-{virtual // GiB}G', f'ingest-{2 * virtual // GiB}G'
 
     def get(case, method):
         r = by.get((case, method))
         return r and r['seconds']
 
-    nova, direct = get('ingest-10G', 'nova'), get('ingest-10G',
-                                                  'worker-direct')
+    nova, direct = get(small, 'nova'), get(small, 'worker-direct')
+    api = get(small, 'worker-api')
     if nova and direct:
-        out['nova_over_direct_10G'] = round(nova / direct, 2)
-    api = get('ingest-10G', 'worker-api')
+        out['nova_over_direct'] = round(nova / direct, 2)
     if nova and api:
-        out['nova_over_api_10G'] = round(nova / api, 2)
-    d20 = get('ingest-20G', 'worker-direct')
+        out['nova_over_api'] = round(nova / api, 2)
+    d20 = get(big, 'worker-direct')
     if direct and d20:
-        out['direct_20G_over_10G'] = round(d20 / direct, 2)
+        out['direct_big_over_small'] = round(d20 / direct, 2)
+    digest = get(f'digest-{virtual // GiB}G', 'digest-only')
+    if direct and digest:
+        out['direct_minus_digest_seconds'] = round(direct - digest, 2)
     s, n = by.get(('stream', 'worker-stream')), by.get(('stream', 'nbdcopy'))
     if s and n:
         out['stream_rate_over_nbdcopy'] = round(
@@ -484,7 +487,7 @@ def main(argv=None):
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(table(rows))
-    summary = ratios(rows)
+    summary = ratios(rows, args.virtual)
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, 'w') as f:
