@@ -8,7 +8,6 @@ command itself against the real services.
 """
 
 import os
-import tempfile
 from unittest import mock
 
 import fixtures
@@ -81,36 +80,6 @@ class JournalDirTestCase(CheckTestCase):
             side_effect=OSError(30, 'Read-only file system')))
         self.assertResult(Code.FAILURE, ['Read-only', 'worker\'s user'],
                           self.check(self.tmp))
-
-
-class FilesystemTypeTestCase(testtools.TestCase):
-
-    def mountinfo(self, *mounts):
-        fd, path = tempfile.mkstemp()
-        self.addCleanup(os.unlink, path)
-        with os.fdopen(fd, 'w') as f:
-            for i, (point, fstype) in enumerate(mounts):
-                f.write(f'{20 + i} 1 0:{i} / {point} rw,relatime - '
-                        f'{fstype} src rw\n')
-        return path
-
-    def test_longest_mount_point_decides(self):
-        info = self.mountinfo(('/', 'ext4'), ('/var/lib', 'xfs'),
-                              ('/var/lib/snap\\040dir', 'tmpfs'))
-        self.assertEqual('xfs', journal.filesystem_type(
-            '/var/lib/snapworker/journal', info))
-        self.assertEqual('tmpfs', journal.filesystem_type(
-            '/var/lib/snap dir/journal', info))
-        self.assertEqual('ext4', journal.filesystem_type(
-            '/var/library', info))
-
-    def test_a_later_mount_over_the_same_point_wins(self):
-        info = self.mountinfo(('/', 'ext4'), ('/srv', 'ext4'),
-                              ('/srv', 'tmpfs'))
-        self.assertEqual('tmpfs', journal.filesystem_type('/srv/j', info))
-
-    def test_no_mountinfo(self):
-        self.assertIsNone(journal.filesystem_type('/', '/nonexistent'))
 
 
 class InstancesPathTestCase(CheckTestCase):
