@@ -207,8 +207,9 @@ class Checks(upgradecheck.UpgradeCommands):
         try:
             stores = glance.ImageService(context).stores()
         except exception.GlanceError as e:
+            reason = e.kwargs.get('reason', e)
             return _failure(
-                f'Glance at {where} did not answer as expected ({e}): '
+                f'Glance at {where} did not answer as expected ({reason}): '
                 f'check [glance] endpoint_override (or the catalog\'s '
                 f'image endpoint, [glance] valid_interfaces and '
                 f'region_name), cafile, and the credentials.')

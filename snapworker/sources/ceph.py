@@ -273,8 +273,9 @@ def check_pools(conf, pools):
                     except rados.ObjectNotFound:
                         pass
             except rados.Error as e:
-                raise exception.RbdError(operation='open of pool',
-                                         target=pool, reason=str(e)) from e
+                raise exception.RbdError(operation='open',
+                                         target=f'pool {pool}',
+                                         reason=str(e)) from e
         return fsid
     finally:
         conn.shutdown()
