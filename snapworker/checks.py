@@ -112,7 +112,12 @@ def _named_stores(conf):
 
 
 class Checks(upgradecheck.UpgradeCommands):
-    """What the worker needs from this host, one check per dependency."""
+    """What the worker needs from this host, one check per dependency.
+
+    :param conf: the configuration to check; glance.py reads the global
+        ``CONF`` whatever is passed, so the Glance check only means
+        something with the default.
+    """
 
     display_title = 'snapworker upgrade check'
 
