@@ -43,8 +43,8 @@ from oslo_log import log as logging
 from snapworker import exception
 from snapworker import hostio
 from snapworker.sources import base
-from snapworker.streams import body as streams_body
 from snapworker.streams import digest as streams_digest
+from snapworker.streams import generated as streams_generated
 
 LOG = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class DirectPlan(base.Plan):
         throttle = hostio.Throttle(
             self._conf.worker.max_read_bytes_per_second)
         extents = checked_extents(view, self._virtual_size)
-        for offset, length, data in streams_body.placed_pieces(
+        for offset, length, data in streams_generated.placed_pieces(
                 view, extents, chunk):
             ctx.check_cancelled()
             if data is None:
