@@ -10,8 +10,8 @@ Two renderers take the same events (``events.Event``):
     for a terminal: one live line per snapshot in progress, redrawn in
     place, e.g.::
 
-        3f2a9c1e [##########..........]  52%  133.1 MiB/256.0 MiB
-            31.8 MiB/s ETA 0:04 uploading (stream, source held)
+        3f2a9c1e uploading [########........]  52% 133.1 MiB/256.0 MiB
+            31.8 MiB/s ETA 0:04 (stream, disk held)
 
     and, when a snapshot ends, its result line printed above the live
     ones, where it stays::
@@ -24,7 +24,7 @@ Phases, in the order a snapshot goes through them: ``start`` (the worker
 chose its plan), ``uploading`` (bytes are going to Glance), ``released``
 (the disk is no longer needed: a suspended guest may run), ``active``.
 A convert plan releases the disk before it uploads, a stream after; the
-line shows which (``source held`` / ``source released``).
+line shows which (``disk held`` / ``disk released``).
 
 Rate and ETA are computed here, from the bytes the progress events report
 and the time they arrive.
@@ -36,13 +36,11 @@ import time
 
 from snapworker import notifications
 
-_PHASES = {notifications.START: 'start',
-           notifications.SOURCE_RELEASED: 'released',
-           notifications.END: 'active',
+_PHASES = {notifications.END: 'active',
            notifications.ERROR: 'error',
            notifications.REFUSED: 'refused'}
 
-_BAR_WIDTH = 20
+_BAR_WIDTH = 16
 
 
 def human_bytes(n):
@@ -98,15 +96,28 @@ class SnapshotProgress:
         self.payload = dict(event.payload)
         if event.event_type == notifications.SOURCE_RELEASED:
             self.released = True
-        done = self.done_bytes
-        if event.event_type in _PHASES:
+        if event.event_type in notifications.FINAL:
             self.phase = _PHASES[event.event_type]
-        elif event.event_type == notifications.PROGRESS and done:
-            self.phase = 'uploading'
+        else:
+            self.phase = self._phase()
         now = self._clock()
         if self._first is None:
-            self._first = (now, done)
-        self._last = (now, done)
+            self._first = (now, self.done_bytes)
+        self._last = (now, self.done_bytes)
+
+    def _phase(self):
+        """Where a snapshot in progress is.
+
+        ``uploading`` while bytes are on their way, ``released`` once the
+        disk is no longer needed and nothing is on its way (a convert plan
+        releases it before its upload, a stream after), else ``start``.
+        """
+        done, total = self.done_bytes, self.total_bytes
+        if done and not (total and done >= total):
+            return 'uploading'
+        if self.released:
+            return 'released'
+        return 'uploading' if done else 'start'
 
     @property
     def done_bytes(self):
@@ -136,11 +147,12 @@ class SnapshotProgress:
         return max(0.0, (total - self.done_bytes) / rate)
 
     def line(self, width):
-        """The live line, at most ``width`` characters."""
+        """The live line, at most ``width`` characters: the phase first,
+        so that a narrow terminal still shows it."""
         total, done = self.total_bytes, self.done_bytes
         fraction = min(1.0, done / total) if total else 0.0
         filled = int(fraction * _BAR_WIDTH)
-        parts = [self.image_id[:8],
+        parts = [self.image_id[:8], f'{self.phase:<9}',
                  '[' + '#' * filled + '.' * (_BAR_WIDTH - filled) + ']',
                  f'{fraction * 100:3.0f}%',
                  f'{human_bytes(done)}/{human_bytes(total)}'
@@ -149,10 +161,9 @@ class SnapshotProgress:
             parts.append(f'{human_bytes(self.rate)}/s')
         if self.eta is not None and self.phase == 'uploading':
             parts.append(f'ETA {human_duration(self.eta)}')
-        held = 'source released' if self.released else 'source held'
         strategy = self.payload.get('strategy')
-        parts.append(f'{self.phase} ({strategy}, {held})' if strategy
-                     else self.phase)
+        held = 'disk released' if self.released else 'disk held'
+        parts.append(f'({strategy}, {held})' if strategy else f'({held})')
         return ' '.join(parts)[:max(width, 1)]
 
     def result(self):

@@ -65,7 +65,7 @@ class ProgressBoardTest(testtools.TestCase):
 
     def phase(self):
         line = frames(self.out.getvalue())[-1]
-        return re.search(r'(\w+) \(stream, ', line).group(1)
+        return line.split()[1]
 
     def test_bar_shows_bytes_rate_eta_and_phase(self):
         self.show(event(notifications.START), advance=2)
@@ -73,11 +73,11 @@ class ProgressBoardTest(testtools.TestCase):
                         bytes_uploaded=64 * MIB), advance=0)
 
         last = frames(self.out.getvalue())[-1]
-        self.assertIn('3f2a9c1e [#####...............]  25%', last)
+        self.assertIn('3f2a9c1e uploading [####............]  25%', last)
         self.assertIn('64.0 MiB/256.0 MiB', last)
         self.assertIn('32.0 MiB/s', last)      # 64 MiB in 2 s
         self.assertIn('ETA 0:06', last)        # 192 MiB left at 32 MiB/s
-        self.assertIn('uploading (stream, source held)', last)
+        self.assertIn('(stream, disk held)', last)
 
     def test_phases_in_order_and_result_line_ends_it(self):
         self.show(event(notifications.START), advance=1)
@@ -89,7 +89,8 @@ class ProgressBoardTest(testtools.TestCase):
                         bytes_uploaded=256 * MIB))
         phases.append(self.phase())
         self.assertEqual(['start', 'uploading', 'released'], phases)
-        self.assertIn('source released', frames(self.out.getvalue())[-1])
+        self.assertIn('(stream, disk released)',
+                      frames(self.out.getvalue())[-1])
 
         self.show(event(notifications.END, bytes_uploaded=256 * MIB,
                         duration_seconds=8.1, source_held_seconds=8.0,
@@ -103,6 +104,19 @@ class ProgressBoardTest(testtools.TestCase):
         # written, the rest of the screen cleared.
         self.assertTrue(text.endswith('\x1b[1F' + frames(text)[-1]
                                       + '\x1b[K\n\x1b[J'))
+
+    def test_convert_releases_before_it_uploads(self):
+        phases = []
+        for e in (event(notifications.START, strategy='convert'),
+                  event(notifications.SOURCE_RELEASED, strategy='convert'),
+                  event(notifications.PROGRESS, strategy='convert',
+                        bytes_uploaded=MIB),
+                  event(notifications.PROGRESS, strategy='convert',
+                        bytes_uploaded=256 * MIB)):
+            self.show(e, advance=1)
+            phases.append(self.phase())
+        self.assertEqual(['start', 'released', 'uploading', 'released'],
+                         phases)
 
     def test_error_result_names_the_code(self):
         self.show(event(notifications.START),
@@ -132,7 +146,7 @@ class ProgressBoardTest(testtools.TestCase):
         # The ended one's result, then the other one still live.
         last = frames(self.out.getvalue())[-2:]
         self.assertTrue(last[0].startswith(f'Image {OTHER} active'))
-        self.assertTrue(last[1].startswith('3f2a9c1e ['))
+        self.assertTrue(last[1].startswith('3f2a9c1e start '))
 
     def test_line_fits_the_terminal(self):
         board = progress.ProgressBoard(self.out, self.clock, width=30)
