@@ -566,12 +566,19 @@ def _add_commands(sub):
     stream.set_defaults(func=cmd_stream)
 
 
+#: Commands that act as no one: they only listen on the bus or read a
+#: file, so they skip loading the credential machinery (openstacksdk, a
+#: second of start-up).
+_ANONYMOUS = ('watch', 'stream')
+
+
 def _parser(argv):
     title, _, rest = __doc__.partition('\n')
     parser = _Parser(prog='snapworker', description=title, epilog=rest,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(cloud_config=credentials.register_arguments(
-        parser, argv))
+    if not any(arg in _ANONYMOUS for arg in argv):
+        parser.set_defaults(cloud_config=credentials.register_arguments(
+            parser, argv))
     _add_commands(parser.add_subparsers(dest='command', required=True,
                                         metavar='COMMAND'))
     return parser

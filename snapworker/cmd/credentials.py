@@ -20,7 +20,6 @@ the one given by the clearly named ``--noauth-user-id``,
 import dataclasses
 import os
 
-import openstack.config
 from keystoneauth1 import exceptions as ks_exc
 from oslo_context import context as o_context
 
@@ -54,6 +53,8 @@ def register_arguments(parser, argv):
         register the options of the chosen auth type only.
     :returns: the ``OpenStackConfig`` to pass to ``load``.
     """
+    # Imported here: commands that need no credentials skip its cost.
+    import openstack.config
     config = openstack.config.OpenStackConfig()
     config.register_argparse_arguments(parser, argv, service_keys=['image'])
     group = parser.add_argument_group(
@@ -91,8 +92,7 @@ def load(config, args, conf):
             return _noauth(args, conf)
         session = cloud.get_session()
         access = session.auth.get_access(session)
-    except (ks_exc.ClientException,
-            openstack.exceptions.SDKException) as e:
+    except (ks_exc.ClientException, _sdk_errors()) as e:
         raise CredentialsError(f'Cannot authenticate: {e}') from e
     context = context_from_access(access)
     images = glance.ImageService(conf, context, session=session, adapter={
@@ -100,6 +100,11 @@ def load(config, args, conf):
         'region_name': cloud.get_region_name('image'),
         'endpoint_override': cloud.get_endpoint('image')})
     return Identity(context, images)
+
+
+def _sdk_errors():
+    import openstack.exceptions
+    return openstack.exceptions.SDKException
 
 
 def context_from_access(access):

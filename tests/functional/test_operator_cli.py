@@ -33,10 +33,11 @@ from snapworker.conf import CONF
 from tests.functional import base
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'snapworker')
-#: A raw disk whose snapshot runs ~30 s at the class's read rate: long
-#: enough for several CLI runs (seconds each on a loaded machine) to see it
-#: running and cancel it.
-_LONG = '512M'
+#: A raw disk (size, data written) whose snapshot runs two minutes at the
+#: class's read rate (only data is read, holes are skipped): long enough
+#: for the many CLI runs of a test (seconds each on a loaded machine) to
+#: see it running and cancel it.
+_LONG = ('256M', 'write -P 0x44 0 240M')
 _PROBE = 'snapshot.probe'
 _ANSI = re.compile(r'\x1b\[[0-9]*[A-Za-z]')
 
@@ -52,7 +53,7 @@ class OperatorCliTest(base.FunctionalTestCase):
 
     worker_conf = {'worker.max_concurrent_snapshots': '1',
                    # Slow enough to be seen running, and cancelled.
-                   'worker.max_read_bytes_per_second': str(16 * 1024 ** 2)}
+                   'worker.max_read_bytes_per_second': str(2 * 1024 ** 2)}
 
     def command(self, *args, roles='admin,member', conf=()):
         """The command line: credentials first, as for every OpenStack
@@ -97,8 +98,8 @@ class OperatorCliTest(base.FunctionalTestCase):
         self.assertLess(time.monotonic() - started, 30)
 
     def test_jobs_lists_and_cancel_stops_cleanly(self):
-        disk = self.make_disk('cancel-me', 'raw', size=_LONG,
-                              writes=('write -P 0x44 0 16M',))
+        disk = self.make_disk('cancel-me', 'raw', size=_LONG[0],
+                              writes=_LONG[1:])
         instance, _ = self.define_domain(path=disk, fmt='raw')
         running, queued = self.create_image(), self.create_image()
         with events.Subscription(CONF) as sub:
@@ -157,8 +158,8 @@ class OperatorCliTest(base.FunctionalTestCase):
 
     def test_cancelled_snapshot_command_ends_with_the_cause(self):
         """``snapshot`` followed by ``cancel`` from another shell."""
-        disk = self.make_disk('cancel-cli', 'raw', size=_LONG,
-                              writes=('write -P 0x45 0 16M',))
+        disk = self.make_disk('cancel-cli', 'raw', size=_LONG[0],
+                              writes=_LONG[1:])
         instance, _ = self.define_domain(path=disk, fmt='raw')
         proc = subprocess.Popen(
             self.command('snapshot', instance, '--host', self.worker.host),
@@ -254,8 +255,8 @@ class OperatorCliTest(base.FunctionalTestCase):
         self.assertEqual('active', self.image_status(image_id))
 
     def test_terminal_shows_a_progress_bar_ending_in_the_result_line(self):
-        disk = self.make_disk('cli-tty', 'raw', size='64M',
-                              writes=('write -P 0x46 0 48M',))
+        disk = self.make_disk('cli-tty', 'raw', size='16M',
+                              writes=('write -P 0x46 0 12M',))
         instance, _ = self.define_domain(path=disk, fmt='raw')
         primary, replica = pty.openpty()
         # A terminal of 120 columns (a pty has none until told).
@@ -273,7 +274,7 @@ class OperatorCliTest(base.FunctionalTestCase):
         (image,) = self.images_of(instance)
         self.addCleanup(self._delete_image, image['id'])
         self.assertTrue(lines[-1].startswith(f"Image {image['id']} active: "
-                                             f"stream, 64.0 MiB uploaded"),
+                                             f"stream, 16.0 MiB uploaded"),
                         lines[-1])
         bars = [line for line in lines if line.startswith(image['id'][:8])]
         self.assertEqual('start', bars[0].split()[1])
