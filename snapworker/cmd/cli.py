@@ -70,6 +70,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import oslo_messaging as messaging
 
@@ -342,14 +343,18 @@ def cmd_watch(args, out):
     render = progress.renderer(out, args.format)
     with events.Subscription(CONF, image_id=args.image_id) as sub:
         notes = _GapNotes(sub)
+        # Silence is counted in events shown: on a busy bus, other
+        # hosts' events must not keep a filtered watch alive.
+        deadline = time.monotonic() + args.wait
         try:
             while True:
-                event = sub.wait(args.wait)
+                event = sub.wait(max(0.0, deadline - time.monotonic()))
                 notes()
                 if event is None:
                     return EXIT_OK
                 if _matches(event, args):
                     render.show(event)
+                    deadline = time.monotonic() + args.wait
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         finally:
@@ -532,7 +537,8 @@ def _add_commands(sub):
     watch.add_argument('--image-id', help='only this image\'s')
     watch.add_argument('--timeout', dest='wait', type=float,
                        default=float('inf'),
-                       help='stop after this many seconds of silence')
+                       help='stop after this many seconds without an event '
+                            'to show')
     _output_arg(watch)
     watch.set_defaults(func=cmd_watch)
 
@@ -566,19 +572,14 @@ def _add_commands(sub):
     stream.set_defaults(func=cmd_stream)
 
 
-#: Commands that act as no one: they only listen on the bus or read a
-#: file, so they skip loading the credential machinery (openstacksdk, a
-#: second of start-up).
-_ANONYMOUS = ('watch', 'stream')
-
-
 def _parser(argv):
     title, _, rest = __doc__.partition('\n')
     parser = _Parser(prog='snapworker', description=title, epilog=rest,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    if not any(arg in _ANONYMOUS for arg in argv):
-        parser.set_defaults(cloud_config=credentials.register_arguments(
-            parser, argv))
+    # Registered for every command, so that the same credentials (an
+    # exported OS_CLOUD, a shell alias with --os-cloud) work before any.
+    parser.set_defaults(cloud_config=credentials.register_arguments(
+        parser, argv))
     _add_commands(parser.add_subparsers(dest='command', required=True,
                                         metavar='COMMAND'))
     return parser

@@ -311,7 +311,7 @@ class OperatorCliTest(base.FunctionalTestCase):
 
     def _watch(self, *filters):
         proc = subprocess.Popen(
-            self.command('watch', *filters, '--timeout', '8'),
+            self.command('watch', *filters, '--timeout', '10'),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(proc.kill)
         lines = []
@@ -362,9 +362,11 @@ class OperatorCliTest(base.FunctionalTestCase):
         pass its filter: from then on it receives every event."""
         transport = rpc.get_notification_transport(CONF)
         self.addCleanup(transport.cleanup)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not all(lines for _, _, lines in watches.values()):
-            self.assertLess(time.monotonic(), deadline, 'watch never ready')
+            self.assertLess(time.monotonic(), deadline, {
+                name: (proc.poll(), len(lines))
+                for name, (proc, _, lines) in watches.items()})
             for payload in matching.values():
                 host = payload.get('host', self.worker.host)
                 notify.Notifier(
