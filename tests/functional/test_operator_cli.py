@@ -52,7 +52,10 @@ def visible_lines(text):
 class OperatorCliTest(base.FunctionalTestCase):
 
     worker_conf = {'worker.max_concurrent_snapshots': '1',
-                   # Slow enough to be seen running, and cancelled.
+                   # Slow enough to be seen running and still be running
+                   # when cancelled: the CLI runs before that take seconds
+                   # each on a loaded machine (a cancel stops a job within
+                   # a chunk).
                    'worker.max_read_bytes_per_second': str(2 * 1024 ** 2)}
 
     def command(self, *args, roles='admin,member', conf=()):
