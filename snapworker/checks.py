@@ -114,9 +114,7 @@ def _named_stores(conf):
 class Checks(upgradecheck.UpgradeCommands):
     """What the worker needs from this host, one check per dependency.
 
-    :param conf: the configuration to check; glance.py reads the global
-        ``CONF`` whatever is passed, so the Glance check only means
-        something with the default.
+    :param conf: the configuration to check.
     """
 
     display_title = 'snapworker upgrade check'
@@ -210,7 +208,7 @@ class Checks(upgradecheck.UpgradeCommands):
         # after the worker's backoff.
         self._conf.set_override('num_retries', 0, group='glance')
         try:
-            stores = glance.ImageService(context).stores()
+            stores = glance.ImageService(self._conf, context).stores()
         except exception.GlanceError as e:
             reason = e.kwargs.get('reason', e)
             return _failure(

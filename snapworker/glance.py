@@ -6,6 +6,12 @@ token when ``[service_user] send_service_user_token`` is set, exactly as
 nova-compute talks to Glance. With ``[glance] auth_strategy = noauth`` it
 sends the identity headers keystonemiddleware would have set instead, for a
 Glance deployed without Keystone.
+
+Its configuration is handed to it (``ImageService(conf, context)``), as to
+every other worker module: the ``[glance]``, ``[service_user]`` and
+``[worker]`` groups of that object are read, never the global CONF. The
+operator CLI hands it a keystoneauth session of its own instead of the
+request context's token (``session=``).
 """
 
 import time
@@ -19,7 +25,6 @@ from keystoneauth1 import plugin as ks_plugin
 from oslo_log import log as logging
 
 from snapworker import exception
-from snapworker.conf import CONF
 
 LOG = logging.getLogger(__name__)
 
@@ -35,11 +40,19 @@ _GLANCE_ERRORS = (glance_exc.ClientException, glance_exc.BaseException,
 class ContextAuth(ks_plugin.BaseAuthPlugin):
     """Authenticates Glance requests as the user of a request context."""
 
-    def __init__(self, context, strategy, service_auth=None):
+    def __init__(self, context, strategy, service_auth=None,
+                 service_roles=False):
+        """:param strategy: ``[glance] auth_strategy``.
+        :param service_auth: the ``[service_user]`` auth plugin whose token
+            goes along with the user's (keystone strategy), or None.
+        :param service_roles: claim the ``service`` role too (noauth
+            strategy; ``[service_user] send_service_user_token``).
+        """
         super().__init__()
         self._context = context
         self._strategy = strategy
         self._service_auth = service_auth
+        self._service_roles = service_roles
 
     def get_headers(self, session, **kwargs):
         ctx = self._context
@@ -53,7 +66,7 @@ class ContextAuth(ks_plugin.BaseAuthPlugin):
                 'X-Project-Id': ctx.project_id or '',
                 'X-Roles': ','.join(ctx.roles or ()),
             })
-            if CONF.service_user.send_service_user_token:
+            if self._service_roles:
                 headers['X-Service-Roles'] = 'service'
         elif self._service_auth is not None:
             headers['X-Service-Token'] = self._service_auth.get_token(session)
@@ -77,30 +90,48 @@ class ContextAuth(ks_plugin.BaseAuthPlugin):
         return None
 
 
-def _service_auth():
-    if not CONF.service_user.send_service_user_token:
-        return None
-    return ks_loading.load_auth_from_conf_options(CONF, 'service_user')
+def context_auth(conf, context):
+    """The ``ContextAuth`` ``conf`` asks for, acting as ``context``."""
+    strategy = conf.glance.auth_strategy
+    send_service = conf.service_user.send_service_user_token
+    service_auth = None
+    if strategy == 'keystone' and send_service:
+        service_auth = ks_loading.load_auth_from_conf_options(
+            conf, 'service_user')
+    return ContextAuth(context, strategy, service_auth,
+                       service_roles=strategy == 'noauth' and send_service)
 
 
-def _client(context):
-    strategy = CONF.glance.auth_strategy
-    service_auth = _service_auth() if strategy == 'keystone' else None
-    auth = ContextAuth(context, strategy, service_auth)
-    session = ks_loading.load_session_from_conf_options(
-        CONF, 'glance', auth=auth)
-    return glanceclient.Client(
-        '2', session=session,
-        service_type=CONF.glance.service_type,
-        interface=CONF.glance.valid_interfaces,
-        region_name=CONF.glance.region_name,
-        endpoint_override=CONF.glance.endpoint_override,
-        global_request_id=context.global_id)
+def _client(conf, context, session=None, adapter=None):
+    """A glanceclient for ``context``, configured by ``conf [glance]``.
+
+    :param session: a keystoneauth session to send with (the operator
+        CLI's, authenticated by the user's own credentials); None builds
+        one from ``[glance]``'s session options that authenticates with
+        the context's token (``context_auth``).
+    :param adapter: ``interface``, ``region_name``, ``endpoint_override``
+        to use instead of ``[glance]``'s (None values are ignored): the
+        CLI's cloud configuration.
+    """
+    if session is None:
+        session = ks_loading.load_session_from_conf_options(
+            conf, 'glance', auth=context_auth(conf, context))
+    options = {'service_type': conf.glance.service_type,
+               'interface': conf.glance.valid_interfaces,
+               'region_name': conf.glance.region_name,
+               'endpoint_override': conf.glance.endpoint_override}
+    options.update((k, v) for k, v in (adapter or {}).items()
+                   if v is not None)
+    return glanceclient.Client('2', session=session,
+                               global_request_id=context.global_id,
+                               **options)
 
 
-def _retrying(func, *args, **kwargs):
-    """Retry an idempotent metadata request on connection failures."""
-    attempts = CONF.glance.num_retries + 1
+def _retrying(attempts, func, *args, **kwargs):
+    """Retry an idempotent metadata request on connection failures.
+
+    :param attempts: how many times to try (``[glance] num_retries`` + 1).
+    """
     for attempt in range(1, attempts + 1):
         try:
             return func(*args, **kwargs)
@@ -166,9 +197,19 @@ def check_claim(image, project_id):
 class ImageService:
     """The Glance operations a snapshot needs, with snapworker's errors."""
 
-    def __init__(self, context):
+    def __init__(self, conf, context, session=None, adapter=None):
+        """:param conf: the configuration to read ``[glance]``,
+            ``[service_user]`` and ``[worker] active_timeout`` from.
+        :param context: the request context acted for.
+        :param session, adapter: see ``_client``.
+        """
+        self._conf = conf
         self._context = context
-        self._client = _client(context)
+        self._client = _client(conf, context, session, adapter)
+
+    def _retrying(self, func, *args, **kwargs):
+        return _retrying(self._conf.glance.num_retries + 1, func, *args,
+                         **kwargs)
 
     def get(self, image_id):
         """The image's metadata as a dict.
@@ -176,11 +217,23 @@ class ImageService:
         :raises ImageNotFound: no such image (or not visible to the user).
         """
         try:
-            return dict(_retrying(self._client.images.get, image_id))
+            return dict(self._retrying(self._client.images.get, image_id))
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
         except _GLANCE_ERRORS as e:
             raise _glance_error(image_id, e) from e
+
+    def create(self, **fields):
+        """Create a queued image with ``fields`` (name, visibility,
+        properties...); return its metadata as a dict.
+
+        Not retried: a create whose answer was lost may have created an
+        image, and a retry would make a second one.
+        """
+        try:
+            return dict(self._client.images.create(**fields))
+        except _GLANCE_ERRORS as e:
+            raise _glance_error('-', e) from e
 
     def claim(self, image_id, project_id):
         """The image, if a snapshot for ``project_id`` may fill it.
@@ -200,9 +253,9 @@ class ImageService:
         upload into; None leaves the choice to Glance (its default store).
         """
         try:
-            _retrying(self._client.images.update, image_id,
-                      disk_format=disk_format,
-                      container_format=container_format)
+            self._retrying(self._client.images.update, image_id,
+                           disk_format=disk_format,
+                           container_format=container_format)
             self._client.images.upload(image_id, body, image_size=size,
                                        backend=store)
         except glance_exc.HTTPNotFound as e:
@@ -247,7 +300,7 @@ class ImageService:
         """
         try:
             if retries:
-                _retrying(self._client.images.delete, image_id)
+                self._retrying(self._client.images.delete, image_id)
             else:
                 self._client.images.delete(image_id)
         except glance_exc.HTTPNotFound:
@@ -296,12 +349,12 @@ class ImageService:
         """
         images = self._client.images
         try:
-            body = _retrying(images.get_stores_info_detail)
+            body = self._retrying(images.get_stores_info_detail)
         except (glance_exc.HTTPForbidden, glance_exc.HTTPUnauthorized):
             LOG.debug('Glance store details need the admin role; using the '
                       'store ids only')
             try:
-                body = _retrying(images.get_stores_info)
+                body = self._retrying(images.get_stores_info)
             except glance_exc.HTTPNotFound:
                 return []
             except _GLANCE_ERRORS as e:
@@ -331,9 +384,9 @@ class ImageService:
         """
         roles = set(getattr(self._context, 'roles', None) or ())
         has_service = ('service' in roles
-                       or CONF.service_user.send_service_user_token)
-        if has_service and _retrying(glance_utils.has_version,
-                                     self._client.http_client, 'v2.17'):
+                       or self._conf.service_user.send_service_user_token)
+        if has_service and self._retrying(
+                glance_utils.has_version, self._client.http_client, 'v2.17'):
             return 'v2.17'
         return 'patch'
 
@@ -356,8 +409,8 @@ class ImageService:
         api = self.location_api()
         images = self._client.images
         try:
-            _retrying(images.update, image_id, disk_format=disk_format,
-                      container_format=container_format)
+            self._retrying(images.update, image_id, disk_format=disk_format,
+                           container_format=container_format)
             if api == 'v2.17':
                 images.add_image_location(image_id, url,
                                           validation_data or {})
@@ -371,7 +424,7 @@ class ImageService:
                 image_id=image_id,
                 reason=f'adding location ({api} API): {e}') from e
         if timeout is None:
-            timeout = CONF.worker.active_timeout
+            timeout = self._conf.worker.active_timeout
         self.wait_active(image_id, timeout, interval=0.2)
         LOG.info('Image %s now references %s (%s location API)', image_id,
                  url, api)

@@ -33,7 +33,7 @@ from snapworker.sources import flattener
 LOG = logging.getLogger(__name__)
 
 #: Keep in sync with rpcapi.RPC_API_VERSION.
-RPC_API_VERSION = '1.1'
+RPC_API_VERSION = '1.2'
 
 _TARGET_FORMATS = (None, 'raw', 'qcow2')
 
@@ -76,12 +76,17 @@ class SnapshotManager:
     target = messaging.Target(version=RPC_API_VERSION)
 
     def __init__(self, conf, notifier, hypervisor_api=None,
-                 image_service_factory=glance.ImageService):
+                 image_service_factory=None):
+        """:param image_service_factory: ``factory(context)`` returns the
+            ``glance.ImageService`` acting for ``context``; None: Glance
+            as ``conf`` configures it.
+        """
         self._conf = conf
         self._notifier = notifier
         self._hypervisor = hypervisor_api or hypervisor.Hypervisor(
             conf.libvirt_uri)
-        self._image_service_factory = image_service_factory
+        self._image_service_factory = image_service_factory or (
+            functools.partial(glance.ImageService, conf))
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=conf.worker.max_concurrent_snapshots,
             thread_name_prefix='snapshot')
@@ -197,6 +202,43 @@ class SnapshotManager:
                                 'reason': None}
         return {'cancelled': False, 'state': None,
                 'reason': f'no snapshot into image {image_id} on this host'}
+
+    def plan_snapshot(self, context, instance_uuid, target_format=None,
+                      max_virtual_size=None):
+        """The plan a snapshot would use, touching nothing (RPC 1.2).
+
+        The same checks as a snapshot, in the same order and from the
+        same code (``pipeline.Planner``): a request another project's
+        context makes for an instance, or one for a hostile disk, is
+        refused as its snapshot would be. The disk is opened and inspected
+        (files checked and pinned, headers read by ``qemu-img info`` under
+        the helpers' limits) and closed again: no data is read, no image,
+        scratch file or RBD snapshot is created, no notification is sent.
+
+        :returns: ``pipeline.Decision.describe()`` plus ``host``, or, when
+            a snapshot would be refused, ``{'host': ..., 'instance_uuid':
+            ..., 'error_code': ..., 'error_message': ...}``.
+        """
+        answer = {'host': self._conf.host, 'instance_uuid': instance_uuid}
+        error = _request_error(instance_uuid, None, target_format,
+                               max_virtual_size)
+        if error:
+            return dict(answer, **_refusal(exception.InvalidRequest(
+                reason=error)))
+        planner = pipeline.Planner(
+            self._conf, self._hypervisor, self._image_service_factory(context),
+            context, instance_uuid, target_format, max_virtual_size,
+            flattener=self._flattener)
+        try:
+            decision = planner.decide()
+        except exception.SnapshotError as e:
+            LOG.info('Plan for instance %s: refused (%s)', instance_uuid,
+                     e.code)
+            return dict(answer, **_refusal(e))
+        try:
+            return dict(answer, **decision.describe())
+        finally:
+            decision.source.close()
 
     def _forget(self, future):
         with self._lock:
@@ -341,6 +383,10 @@ class SnapshotManager:
                 step()
             except Exception:
                 LOG.exception('Stopping the %s failed', what)
+
+
+def _refusal(error):
+    return {'error_code': error.code, 'error_message': str(error)}
 
 
 def _is_admin(context):

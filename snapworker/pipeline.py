@@ -242,28 +242,11 @@ class SnapshotJob(sources_base.PlanContext):
         self._claim_image()
         if self._request_error:
             raise exception.InvalidRequest(reason=self._request_error)
-        domain = self._shut_off_domain()
-        self._check_instance_owner(domain)
-        if domain.root_disk is None:
-            raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
-        self._source = source = sources.open_source(
-            domain.root_disk, self._conf, flattener=self._flattener)
-        facts = source.inspect()
-        self._location = facts.location
-        self._check_size(facts)
-        self._store = self._snapshot_store(domain)
-        target_format = self._target_format(facts)
-        # Only sources that can put data in a store themselves (RBD
-        # clones, direct writes) care where Glance keeps it; the others do
-        # not pay for the lookup.
-        stores = self._images.stores() if (
-            source.wants_glance_stores) else None
-        release_first = domain.managed_save and (
-            self._conf.worker.suspended_guest_plan == 'release_first')
-        self._plan = plan = source.plan(target_format, stores,
-                                        release_first=release_first,
-                                        store_id=self._store)
-        self._describe(facts, plan)
+        decision = self._planner().decide(opened=self._opened)
+        self._plan = plan = decision.plan
+        self._location = decision.facts.location
+        self._store = decision.store
+        self._describe(decision.facts, plan)
         self.check_cancelled()
         self._emitter.start()
         self._held_since = self._clock()
@@ -280,6 +263,17 @@ class SnapshotJob(sources_base.PlanContext):
         self.payload.image_hashed = bool(image.get('os_hash_value')
                                          or image.get('checksum'))
         return plan
+
+    def _planner(self):
+        return Planner(self._conf, self._hypervisor, self._images,
+                       self._context, self.instance_uuid,
+                       self._requested_format, self._max_virtual_size,
+                       self._flattener)
+
+    def _opened(self, source):
+        """The planner opened the source: the job closes it, whatever
+        happens next."""
+        self._source = source
 
     def _verify(self, image):
         """What Glance stored hashes to what was sent, or the job fails.
@@ -419,18 +413,8 @@ class SnapshotJob(sources_base.PlanContext):
     def _elapsed(self):
         return round(self._clock() - self._started, 3)
 
-    def _shut_off_domain(self):
-        domain = self._hypervisor.get_domain(self.instance_uuid)
-        if not domain.shut_off:
-            raise exception.InstanceNotShutOff(
-                instance_uuid=self.instance_uuid, state=domain.state)
-        return domain
-
     def _project_id(self):
         return getattr(self._context, 'project_id', None)
-
-    def _is_admin(self):
-        return 'admin' in (getattr(self._context, 'roles', None) or [])
 
     def _claim_image(self):
         """Make the image this job's (see ``glance.ImageService.claim``)."""
@@ -453,6 +437,122 @@ class SnapshotJob(sources_base.PlanContext):
         if self._record is not None:
             self._record.claim_image()
         self._owns_image = True
+
+    def _describe(self, facts, plan):
+        p = self.payload
+        p.strategy = plan.strategy
+        p.plan_reason = plan.reason
+        p.source_kind = facts.kind
+        p.source_format = facts.format
+        p.virtual_size = facts.virtual_size
+        p.target_format = plan.target_format
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a snapshot of one instance would do, and why.
+
+    ``source`` is open (its files checked and pinned by ``inspect``): the
+    caller closes it. Nothing else exists yet: no data was read, no plan
+    ran, nothing was created.
+    """
+
+    domain: object
+    source: sources_base.Source
+    facts: sources_base.SourceFacts
+    plan: sources_base.Plan
+    store: str | None
+
+    def describe(self):
+        """The decision as ``plan_snapshot`` (RPC 1.2) answers it."""
+        return {'instance_uuid': self.domain.uuid,
+                'strategy': self.plan.strategy,
+                'reason': self.plan.reason,
+                'source_kind': self.facts.kind,
+                'source_format': self.facts.format,
+                'target_format': self.plan.target_format,
+                'virtual_size': self.facts.virtual_size,
+                'store': self.store,
+                'instance_owner': self.domain.owner_project,
+                'base_image_ref': self.domain.base_image_id,
+                'managed_save': self.domain.managed_save}
+
+
+class Planner:
+    """Every check that can refuse a snapshot, in order, then its plan.
+
+    Shared by a snapshot (``SnapshotJob``) and a ``plan`` request, so that
+    a plan request is refused exactly when the snapshot would be: the
+    domain (exists, shut off, owned by the requesting project unless the
+    context is an admin's), the disk (from the domain XML, each file
+    checked and pinned by its source before any program opens it, no
+    larger than the limits), the target format. Only then does the source
+    choose its plan; running it is the caller's business.
+    """
+
+    def __init__(self, conf, hypervisor, images, context, instance_uuid,
+                 target_format=None, max_virtual_size=None, flattener=None):
+        self._conf = conf
+        self._hypervisor = hypervisor
+        self._images = images
+        self._context = context
+        self.instance_uuid = instance_uuid
+        self._requested_format = target_format
+        self._max_virtual_size = max_virtual_size
+        self._flattener = flattener
+
+    def decide(self, opened=None):
+        """The ``Decision`` for this instance.
+
+        :param opened: called with the source as soon as it is open,
+            before it is inspected, so that the caller closes it even when
+            a later check refuses (without it, ``decide`` closes the
+            source itself when it raises).
+        :raises SnapshotError: the refusal a snapshot would end with.
+        """
+        domain = self._shut_off_domain()
+        self._check_instance_owner(domain)
+        if domain.root_disk is None:
+            raise exception.DiskNotFound(instance_uuid=self.instance_uuid)
+        source = sources.open_source(domain.root_disk, self._conf,
+                                     flattener=self._flattener)
+        if opened is not None:
+            opened(source)
+        try:
+            return self._decide(domain, source)
+        except BaseException:
+            if opened is None:
+                source.close()
+            raise
+
+    def _decide(self, domain, source):
+        facts = source.inspect()
+        self._check_size(facts)
+        store = self._snapshot_store(domain)
+        target_format = self._target_format(facts)
+        # Only sources that can put data in a store themselves (RBD
+        # clones, direct writes) care where Glance keeps it; the others do
+        # not pay for the lookup.
+        stores = self._images.stores() if (
+            source.wants_glance_stores) else None
+        release_first = domain.managed_save and (
+            self._conf.worker.suspended_guest_plan == 'release_first')
+        plan = source.plan(target_format, stores,
+                           release_first=release_first, store_id=store)
+        return Decision(domain, source, facts, plan, store)
+
+    def _project_id(self):
+        return getattr(self._context, 'project_id', None)
+
+    def _shut_off_domain(self):
+        domain = self._hypervisor.get_domain(self.instance_uuid)
+        if not domain.shut_off:
+            raise exception.InstanceNotShutOff(
+                instance_uuid=self.instance_uuid, state=domain.state)
+        return domain
+
+    def _is_admin(self):
+        return 'admin' in (getattr(self._context, 'roles', None) or [])
 
     def _check_instance_owner(self, domain):
         """The instance is the requesting project's, or the caller an admin.
@@ -511,15 +611,6 @@ class SnapshotJob(sources_base.PlanContext):
                 target_format=fmt,
                 supported=', '.join(sources_base.SUPPORTED_TARGET_FORMATS))
         return fmt
-
-    def _describe(self, facts, plan):
-        p = self.payload
-        p.strategy = plan.strategy
-        p.plan_reason = plan.reason
-        p.source_kind = facts.kind
-        p.source_format = facts.format
-        p.virtual_size = facts.virtual_size
-        p.target_format = plan.target_format
 
 
 def _noop():

@@ -41,7 +41,13 @@ class RequestContextSerializer(messaging.Serializer):
         return self._base.deserialize_entity(context, entity)
 
     def serialize_context(self, context):
-        return context.to_dict()
+        values = context.to_dict()
+        # Nova's context.to_dict() has the catalog; oslo.context's (the
+        # CLI's) does not, so it is added as Nova would send it.
+        catalog = getattr(context, 'service_catalog', None)
+        if catalog and 'service_catalog' not in values:
+            values['service_catalog'] = catalog
+        return values
 
     def deserialize_context(self, context):
         ctx = o_context.RequestContext.from_dict(context)

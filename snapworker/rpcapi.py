@@ -20,7 +20,7 @@ from snapworker import rpc
 
 #: The highest version this client speaks; keep in sync with the manager's
 #: ``RPC_API_VERSION`` (snapworker/manager.py).
-RPC_API_VERSION = '1.1'
+RPC_API_VERSION = '1.2'
 
 #: The default of both ``[worker] topic`` and nova.conf's
 #: ``[snapworker] topic``.
@@ -82,6 +82,7 @@ class SnapworkerAPI:
     | 1.0 - Initial version: create_snapshot (cast).
     | 1.1 - create_snapshot takes max_virtual_size and sent_at; added
     |       get_status (call) and cancel_snapshot (call).
+    | 1.2 - Added plan_snapshot (call).
 
     Adding a method or an optional argument is a minor bump: the client
     checks ``can_send_version()`` before sending the new form, so a newer
@@ -172,11 +173,52 @@ class SnapworkerAPI:
         :raises oslo_messaging.MessagingTimeout: no worker answered in
             time.
         """
-        if not self.client.can_send_version('1.1'):
-            raise VersionCapError('get_status', '1.1',
-                                  self.client.version_cap)
+        self._require('get_status', '1.1')
         cctxt = self._prepare_call(host, '1.1', timeout=timeout)
         return cctxt.call(context, 'get_status')
+
+    def _require(self, method, version):
+        """:raises VersionCapError: the cap forbids ``version``."""
+        if not self.client.can_send_version(version):
+            raise VersionCapError(method, version, self.client.version_cap)
+
+    def plan_snapshot(self, context, host, instance_uuid,
+                      target_format=None, max_virtual_size=None,
+                      timeout=None):
+        """Which plan a snapshot of the instance would use, and why (1.2).
+
+        Synchronous (a call); touches nothing: the worker runs a
+        snapshot's checks (instance shut off and the context's project's
+        unless an admin's, disk checked and inspected, size limits,
+        target format) and asks the disk's source for its plan, but reads
+        no data, creates no image, scratch file or RBD snapshot and sends
+        no notification.
+
+        :param context: request context; the same authorization as
+            ``create_snapshot``.
+        :param host: the compute host whose worker reads the disk.
+        :param instance_uuid: the instance whose root disk would be read.
+        :param target_format: ``raw``, ``qcow2`` or None (as the source).
+        :param max_virtual_size: as for ``create_snapshot``.
+        :param timeout: seconds to wait for the answer.
+        :returns: a dict such as ``{'host': 'compute-1', 'instance_uuid':
+            ..., 'strategy': 'stream', 'reason': 'qcow2 overlay: ...',
+            'source_kind': 'file', 'source_format': 'qcow2',
+            'target_format': 'qcow2', 'virtual_size': 1073741824,
+            'store': None, 'instance_owner': '<project id>',
+            'base_image_ref': '<image id>' or None, 'managed_save':
+            False}``, or, when a snapshot would be refused, ``{'host':
+            ..., 'instance_uuid': ..., 'error_code': 'InstanceNotOwned',
+            'error_message': ...}``.
+        :raises VersionCapError: the cap is below 1.2 (nothing is sent).
+        :raises oslo_messaging.MessagingTimeout: no worker answered.
+        """
+        self._require('plan_snapshot', '1.2')
+        cctxt = self._prepare_call(host, '1.2', timeout=timeout)
+        return cctxt.call(context, 'plan_snapshot',
+                          instance_uuid=instance_uuid,
+                          target_format=target_format,
+                          max_virtual_size=max_virtual_size)
 
     def cancel_snapshot(self, context, host, image_id, timeout=None):
         """Stop the queued or running snapshot into ``image_id`` (1.1).
@@ -190,8 +232,6 @@ class SnapworkerAPI:
         :raises VersionCapError: the cap is below 1.1 (nothing is sent).
         :raises oslo_messaging.MessagingTimeout: no worker answered.
         """
-        if not self.client.can_send_version('1.1'):
-            raise VersionCapError('cancel_snapshot', '1.1',
-                                  self.client.version_cap)
+        self._require('cancel_snapshot', '1.1')
         cctxt = self._prepare_call(host, '1.1', timeout=timeout)
         return cctxt.call(context, 'cancel_snapshot', image_id=image_id)

@@ -110,11 +110,14 @@ def main(argv=None):
         t0 = time.monotonic()
         cli = subprocess.run(
             [os.path.join(BIN, 'snapworker'), '--config-file', conf,
-             'snapshot', '--host', HOST, instance_uuid, image_id,
-             '--user-id', headers['X-User-Id'],
-             '--project-id', headers['X-Project-Id'],
-             '--roles', 'admin,member', '--timeout', '3600',
-             *(['--format', args.format] if args.format else [])],
+             # The CLI's demo mode for a Glance without Keystone.
+             '--os-auth-type', 'none',
+             '--noauth-user-id', headers['X-User-Id'],
+             '--noauth-project-id', headers['X-Project-Id'],
+             '--noauth-roles', 'admin,member',
+             'snapshot', instance_uuid, '--host', HOST,
+             '--image-id', image_id, '--timeout', '3600', '--format', 'json',
+             *(['--disk-format', args.format] if args.format else [])],
             capture_output=True, text=True)
         wall = time.monotonic() - t0
         worker_rss = worker.peak_rss()

@@ -1,28 +1,64 @@
 """snapworker: the operator's command line.
 
-    snapworker snapshot --host H INSTANCE_UUID IMAGE_ID [--format raw|qcow2]
-        cast a snapshot to host H's worker and follow it to the end
-    snapworker watch [--image-id ID]
-        print snapworker notifications as they arrive (JSON, one a line)
-    snapworker status --host H
+    snapworker [CREDENTIALS] snapshot INSTANCE --host H [--name N]
+            [--disk-format raw|qcow2] [--image-id ID]
+        create a Glance image with the metadata Nova gives a snapshot
+        (unless --image-id names a queued one), have host H's worker fill
+        it, and follow it to the end: a live progress bar on a terminal
+        (bytes, rate, ETA, phase: start, uploading, released, active),
+        then one result line
+    snapworker [CREDENTIALS] plan INSTANCE --host H [--disk-format F]
+        which plan the worker would use for a snapshot, and why; the same
+        checks and refusals as a snapshot, but nothing is read, created
+        or sent (RPC 1.2)
+    snapworker watch [--host H] [--instance UUID] [--image-id ID]
+        follow every snapshot as it happens, rendered as ``snapshot``
+        renders one
+    snapworker [CREDENTIALS] status --host H
         is H's worker alive: its version, how many snapshots it runs and
-        queues (one JSON object; exit 3 when no worker answers)
-    snapworker jobs --host H
+        queues
+    snapworker [CREDENTIALS] jobs --host H
         the running and queued snapshots of H's worker, with progress
-        (an admin's context)
-    snapworker cancel --host H IMAGE_ID
-        stop the queued or running snapshot into IMAGE_ID cleanly (an
-        admin's context); exit 1 when nothing was cancelled
+        (admins only)
+    snapworker [CREDENTIALS] cancel IMAGE_ID --host H
+        stop the queued or running snapshot into IMAGE_ID cleanly: its
+        resources released, its image deleted, ``snapshot.create.error``
+        ``Cancelled`` (admins only)
     snapworker stream DISK --source-format raw|qcow2 [--format raw|qcow2]
             [-o FILE|-]
         write exactly the bytes the worker would upload for DISK; the plan
         goes to stderr as one JSON object. The disk's format is given, as
         the domain XML gives it to the worker: never guessed
 
+Credentials are taken as every OpenStack CLI takes them: ``--os-cloud``
+(clouds.yaml), the ``OS_*`` variables or the ``--os-*`` options, given
+before the command. The worker acts with that session's token, user,
+project and roles, and finds Glance in its catalog. ``--os-auth-type
+none`` with ``--noauth-user-id/--noauth-project-id/--noauth-roles`` is a
+demo mode for a Glance without Keystone (``[glance] auth_strategy =
+noauth``); see snapworker/cmd/credentials.py.
+
 Every command reads the same configuration files as the worker
-(``--config-file``), so it finds the same RabbitMQ. Exit status: 0 when the
-snapshot ended active, 1 on an error or refused notification, 2 on a
-timeout.
+(``--config-file``), so it finds the same RabbitMQ.
+
+Output (``-f/--format``): ``human`` (progress bars, tables), ``json`` (one
+JSON object a line: each notification for ``snapshot`` and ``watch``, the
+answer otherwise), or ``auto`` (default): human on a terminal, JSON when
+stdout is not one.
+
+Exit status, stable across releases:
+    0  done: the snapshot ended active; the plan, status, jobs or cancel
+       request was answered and granted
+    1  failed or refused: the snapshot ended with an error or a refusal
+       (the error code is in the result line), the plan would be refused,
+       nothing was cancelled, jobs are for admins only
+    2  timeout: no outcome within --timeout (the snapshot may go on)
+    3  no worker answered for the host within --worker-timeout
+    4  credentials or Glance: cannot authenticate, or create the image
+    5  the RPC version cap ([upgrade_levels] snapworker) forbids the
+       request: the workers are too old for it
+    64 usage error
+    130 interrupted (Ctrl-C); a snapshot already sent goes on
 
 ``snapshot`` and ``watch`` outlive a broker restart or the failure of one
 node of a cluster: the subscription reconnects (a note goes to stderr), but
@@ -30,35 +66,59 @@ what was published meanwhile is not seen.
 """
 
 import argparse
+import datetime
 import json
 import os
 import sys
+import time
 
 import oslo_messaging as messaging
-from oslo_context import context as o_context
 
 from snapworker import events
 from snapworker import exception
 from snapworker import notifications
 from snapworker import rpc
 from snapworker import rpcapi
+from snapworker.cmd import credentials
+from snapworker.cmd import progress
 from snapworker.conf import CONF
 from snapworker.sources import file as file_source
 from snapworker.sources import writer
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
+EXIT_NO_WORKER = 3
+EXIT_CREDENTIALS = 4
+EXIT_VERSION_CAP = 5
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
 
-def _print_event(event, out):
-    out.write(json.dumps({'event_type': event.event_type,
-                          'publisher_id': event.publisher_id,
-                          'payload': event.payload}, sort_keys=True) + '\n')
-    out.flush()
+#: Glance's own image fields: what a base image has that is not one of
+#: its properties (Nova's snapshots inherit the properties only).
+_GLANCE_CORE_FIELDS = frozenset((
+    'id', 'name', 'status', 'visibility', 'protected', 'checksum',
+    'os_hash_algo', 'os_hash_value', 'owner', 'size', 'virtual_size',
+    'created_at', 'updated_at', 'file', 'schema', 'self', 'tags',
+    'disk_format', 'container_format', 'direct_url', 'locations',
+    'stores', 'os_hidden'))
+#: Properties Nova never copies into a snapshot (compute/utils.py
+#: NON_INHERITABLE_IMAGE_PROPERTIES, namespaces), nor the ones it sets.
+_NOT_INHERITED = frozenset((
+    'cinder_encryption_key_id', 'cinder_encryption_key_deletion_policy',
+    'img_signature', 'img_signature_hash_method', 'img_signature_key_type',
+    'img_signature_certificate_uuid', 'image_type', 'instance_uuid',
+    'user_id', 'base_image_ref', 'owner_id', 'instance_owner',
+    'image_location', 'image_state'))
+_NOT_INHERITED_PREFIXES = ('os_glance', 'img_signature')
 
 
-def _context(args):
-    return o_context.RequestContext(
-        auth_token=os.environ.get('OS_AUTH_TOKEN'),
-        user_id=args.user_id, project_id=args.project_id,
-        roles=args.roles.split(',') if args.roles else [])
+class _Failure(Exception):
+    """Ends a command with a message on stderr and an exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
 
 
 def _api():
@@ -84,75 +144,297 @@ class _GapNotes:
             sys.stderr.flush()
 
 
-def cmd_snapshot(args, out):
-    with events.Subscription(CONF, image_id=args.image_id) as sub:
-        notes = _GapNotes(sub)
-        _api().create_snapshot(
-            _context(args), args.host, args.instance_uuid, args.image_id,
-            target_format=args.format)
-        last = None
-        for last in sub.until_finished(args.timeout):
-            notes()
-            _print_event(last, out)
+def _identity(args):
+    """The ``credentials.Identity`` of the command line.
+
+    :raises _Failure: (exit 4) it cannot be established.
+    """
+    try:
+        return credentials.load(args.cloud_config, args, CONF)
+    except credentials.CredentialsError as e:
+        raise _Failure(str(e), EXIT_CREDENTIALS) from e
+
+
+def _call(args, method, *call_args, **kwargs):
+    """One RPC call to ``args.host``'s worker.
+
+    :raises _Failure: no worker answered (exit 3), or the version cap
+        forbids the call (exit 5).
+    """
+    try:
+        return getattr(_api(), method)(
+            args.identity.context, args.host, *call_args,
+            timeout=args.worker_timeout, **kwargs)
+    except messaging.MessagingTimeout as e:
+        raise _Failure(f'No snapworker worker answered for host '
+                       f'{args.host} within {args.worker_timeout} s',
+                       EXIT_NO_WORKER) from e
+    except rpcapi.VersionCapError as e:
+        raise _Failure(str(e), EXIT_VERSION_CAP) from e
+
+
+def _human(args, out):
+    return args.format == 'human' or (args.format == 'auto'
+                                      and progress._isatty(out))
+
+
+def _print_json(answer, out):
+    out.write(json.dumps(answer, sort_keys=True) + '\n')
+    out.flush()
+
+
+# -- snapshot -----------------------------------------------------------------
+
+def _default_name(instance_uuid):
+    now = datetime.datetime.now(datetime.UTC)
+    return f'snapshot of {instance_uuid} {now:%Y-%m-%dT%H:%M:%SZ}'
+
+
+def _inherited_properties(images, base_image_ref):
+    """The base image's properties a Nova snapshot would carry on.
+
+    Nova copies them from the instance's system metadata, which the
+    worker cannot see; the base image in Glance is where they came from.
+    An image no longer visible gives none.
+    """
+    if not base_image_ref:
+        return {}
+    try:
+        base = images.get(base_image_ref)
+    except exception.SnapshotError:
+        return {}
+    return {key: value for key, value in base.items()
+            if key not in _GLANCE_CORE_FIELDS | _NOT_INHERITED
+            and not key.startswith(_NOT_INHERITED_PREFIXES)}
+
+
+def snapshot_image_fields(name, instance_uuid, context, plan, inherited):
+    """The new image's fields, as Nova's API creates a snapshot image.
+
+    ``compute.utils.create_image`` and ``initialize_instance_snapshot_
+    metadata``, plus what the libvirt driver's
+    ``_create_snapshot_metadata`` adds, as far as the worker knows the
+    instance: its owner and base image come from the plan (the domain's
+    Nova metadata). Formats are left out, as Nova leaves them: the worker
+    sets them when it uploads.
+
+    :param plan: the worker's ``plan_snapshot`` answer, or {} when the
+        worker is too old to answer one.
+    """
+    owner = plan.get('instance_owner') or context.project_id
+    properties = dict(inherited)
+    properties.update({
+        'image_type': 'snapshot',
+        'instance_uuid': instance_uuid,
+        'user_id': str(context.user_id),
+        'owner_id': owner,
+        'image_location': 'snapshot',
+        'image_state': 'available',
+    })
+    if plan.get('base_image_ref'):
+        properties['base_image_ref'] = plan['base_image_ref']
+    visibility = 'private'
+    if owner != context.project_id:
+        # An admin's snapshot of another project's instance: Nova makes
+        # it shared and names the instance's project.
+        visibility = 'shared'
+        properties['instance_owner'] = owner
+    return dict(properties, name=name, visibility=visibility)
+
+
+def _plan_first(args):
+    """The worker's plan, or {} when its version cannot answer one.
+
+    Asked before the image is created, so that a refused snapshot leaves
+    no image behind and says why at once.
+
+    :raises _Failure: refused (exit 1), no worker (exit 3).
+    """
+    try:
+        plan = _call(args, 'plan_snapshot', args.instance_uuid,
+                     target_format=args.disk_format)
+    except _Failure as e:
+        if e.status != EXIT_VERSION_CAP:
+            raise
+        # An older worker: check it is there at all, then go on blind.
+        _call(args, 'get_status')
+        return {}
+    if plan.get('error_code'):
+        raise _Failure(f"Refused: {plan['error_code']}: "
+                       f"{plan['error_message']}", EXIT_FAILED)
+    return plan
+
+
+def _create_image(args, plan):
+    images = args.identity.images
+    fields = snapshot_image_fields(
+        args.name or _default_name(args.instance_uuid), args.instance_uuid,
+        args.identity.context, plan,
+        _inherited_properties(images, plan.get('base_image_ref')))
+    try:
+        return images.create(**fields)['id']
+    except exception.SnapshotError as e:
+        raise _Failure(f'Cannot create the image: {e}',
+                       EXIT_CREDENTIALS) from e
+
+
+def _follow(sub, render, timeout):
+    """Render events until the final one; return it (None: timed out)."""
+    notes = _GapNotes(sub)
+    last = None
+    for last in sub.until_finished(timeout):
         notes()
+        render.show(last)
+    notes()
+    render.close()
+    return last if last and last.event_type in notifications.FINAL else None
+
+
+def cmd_snapshot(args, out):
+    args.identity = _identity(args)
+    plan = _plan_first(args)
+    created = args.image_id is None
+    image_id = args.image_id or _create_image(args, plan)
+    render = progress.renderer(out, args.format)
+    if created and _human(args, out):
+        out.write(f'Image {image_id} created ({plan.get("strategy") or "?"}'
+                  f' plan: {plan.get("reason") or "worker too old to say"})'
+                  f'\n')
+    with events.Subscription(CONF, image_id=image_id) as sub:
+        try:
+            _api().create_snapshot(
+                args.identity.context, args.host, args.instance_uuid,
+                image_id, target_format=args.disk_format)
+        except Exception:
+            if created:
+                args.identity.images.delete(image_id)
+            raise
+        try:
+            final = _follow(sub, render, args.wait)
+        except KeyboardInterrupt:
+            sys.stderr.write(f'\nInterrupted: the snapshot into image '
+                             f'{image_id} goes on; `snapworker cancel '
+                             f'{image_id} --host {args.host}` stops it\n')
+            return EXIT_INTERRUPTED
         gaps = sub.disconnections
-    if last is None or last.event_type not in notifications.FINAL:
+    if final is None:
         lost = (f' ({gaps} broker connection loss(es): the outcome may '
                 f'have been published meanwhile; the image status in '
                 f'Glance tells)' if gaps else '')
-        sys.stderr.write(f'No outcome for image {args.image_id} within '
-                         f'{args.timeout} s{lost}\n')
-        return 2
-    return 0 if last.event_type == notifications.END else 1
+        sys.stderr.write(f'No outcome for image {image_id} within '
+                         f'{args.wait} s{lost}\n')
+        return EXIT_TIMEOUT
+    return EXIT_OK if final.event_type == notifications.END else EXIT_FAILED
+
+
+# -- watch --------------------------------------------------------------------
+
+def _matches(event, args):
+    payload = event.payload
+    if args.host and payload.get('host') != args.host and (
+            event.publisher_id != f'snapworker:{args.host}'):
+        return False
+    if args.instance and payload.get('instance_uuid') != args.instance:
+        return False
+    return True
 
 
 def cmd_watch(args, out):
+    render = progress.renderer(out, args.format)
     with events.Subscription(CONF, image_id=args.image_id) as sub:
         notes = _GapNotes(sub)
-        while True:
-            event = sub.wait(args.timeout)
-            notes()
-            if event is None:
-                return 0
-            _print_event(event, out)
+        # Silence is counted in events shown: on a busy bus, other
+        # hosts' events must not keep a filtered watch alive.
+        deadline = time.monotonic() + args.wait
+        try:
+            while True:
+                event = sub.wait(max(0.0, deadline - time.monotonic()))
+                notes()
+                if event is None:
+                    return EXIT_OK
+                if _matches(event, args):
+                    render.show(event)
+                    deadline = time.monotonic() + args.wait
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        finally:
+            render.close()
 
 
-def _ask(args, out, method, **kwargs):
-    """One RPC call to a host's worker; its answer as JSON on ``out``."""
-    try:
-        answer = getattr(_api(), method)(_context(args), args.host,
-                                         timeout=args.timeout, **kwargs)
-    except messaging.MessagingTimeout:
-        sys.stderr.write(f'No snapworker worker answered for host '
-                         f'{args.host} within {args.timeout} s\n')
-        return None
-    except rpcapi.VersionCapError as e:
-        sys.stderr.write(f'{e}\n')
-        return None
-    out.write(json.dumps(answer, sort_keys=True) + '\n')
-    out.flush()
-    return answer
+# -- plan, status, jobs, cancel --------------------------------------------
+
+def _print_plan(plan, out):
+    if plan.get('error_code'):
+        out.write(f"Instance {plan['instance_uuid']} on {plan['host']}: "
+                  f"refused: {plan['error_code']}: {plan['error_message']}"
+                  f"\n")
+        return
+    out.write(
+        f"Instance {plan['instance_uuid']} on {plan['host']}: "
+        f"{plan['strategy']} plan\n"
+        f"  why:    {plan['reason']}\n"
+        f"  source: {plan['source_kind']} {plan['source_format']}, "
+        f"{progress.human_bytes(plan['virtual_size'])} virtual"
+        f"{', guest suspended' if plan.get('managed_save') else ''}\n"
+        f"  target: {plan['target_format']} image in "
+        f"{plan.get('store') or 'the default store'}\n")
+
+
+def cmd_plan(args, out):
+    args.identity = _identity(args)
+    plan = _call(args, 'plan_snapshot', args.instance_uuid,
+                 target_format=args.disk_format)
+    if _human(args, out):
+        _print_plan(plan, out)
+    else:
+        _print_json(plan, out)
+    return EXIT_FAILED if plan.get('error_code') else EXIT_OK
 
 
 def cmd_status(args, out):
-    return 0 if _ask(args, out, 'get_status') is not None else 3
+    args.identity = _identity(args)
+    _print_json(_call(args, 'get_status'), out)
+    return EXIT_OK
+
+
+def _print_jobs(status, out):
+    jobs = status['jobs']
+    out.write(f"{status['host']}: {status['running']} running, "
+              f"{status['queued']} queued (worker RPC {status['version']})"
+              f"\n")
+    for job in jobs:
+        done, total = job.get('bytes_uploaded'), job.get('bytes_total')
+        moved = progress.human_bytes(done) + (
+            f'/{progress.human_bytes(total)}' if total else '')
+        out.write(f"  {job['image_id']}  {job['state']:<7}  "
+                  f"{job.get('strategy') or '-':<7}  {moved:<22}  "
+                  f"{job.get('seconds') or 0:.0f} s  instance "
+                  f"{job.get('instance_uuid')}\n")
 
 
 def cmd_jobs(args, out):
-    status = _ask(args, out, 'get_status')
-    if status is None:
-        return 3
+    args.identity = _identity(args)
+    status = _call(args, 'get_status')
     if 'jobs' not in status:
         sys.stderr.write('The worker lists jobs to admins only\n')
-        return 1
-    return 0
+        return EXIT_FAILED
+    if _human(args, out):
+        _print_jobs(status, out)
+    else:
+        _print_json(status, out)
+    return EXIT_OK
 
 
 def cmd_cancel(args, out):
-    answer = _ask(args, out, 'cancel_snapshot', image_id=args.image_id)
-    if answer is None:
-        return 3
-    return 0 if answer.get('cancelled') else 1
+    args.identity = _identity(args)
+    answer = _call(args, 'cancel_snapshot', image_id=args.image_id)
+    if _human(args, out):
+        out.write(f"Snapshot into {args.image_id}: "
+                  + (f"cancelled ({answer['state']})" if answer['cancelled']
+                     else f"not cancelled: {answer['reason']}") + '\n')
+    else:
+        _print_json(answer, out)
+    return EXIT_OK if answer.get('cancelled') else EXIT_FAILED
 
 
 def cmd_stream(args, out):
@@ -194,49 +476,85 @@ def cmd_stream(args, out):
     return 0
 
 
-def _identity_args(parser):
-    """Who the request is from (the token comes from OS_AUTH_TOKEN)."""
-    parser.add_argument('--user-id', default=os.environ.get('OS_USER_ID'))
-    parser.add_argument('--project-id',
-                        default=os.environ.get('OS_PROJECT_ID'))
-    parser.add_argument('--roles', default=os.environ.get('OS_ROLES',
-                                                          'admin,member'))
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on exit status 64 (EX_USAGE): 2
+    already means a timeout here."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f'{self.prog}: error: {message}\n')
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog='snapworker',
-                                     description=__doc__.split('\n')[0])
-    sub = parser.add_subparsers(dest='command', required=True)
+def _output_arg(parser):
+    parser.add_argument('-f', '--format', default='auto',
+                        choices=('auto', 'human', 'json'),
+                        help='output: human on a terminal, JSON lines '
+                             'otherwise (auto, the default)')
 
-    snap = sub.add_parser('snapshot', help='snapshot an instance now')
-    snap.add_argument('instance_uuid')
-    snap.add_argument('image_id', help='a queued Glance image to fill')
-    snap.add_argument('--host', required=True,
-                      help='compute host of the instance')
-    snap.add_argument('--format', choices=('raw', 'qcow2'),
-                      help='target format (default: as the source)')
-    snap.add_argument('--timeout', type=float, default=3600)
-    _identity_args(snap)
+
+def _worker_args(parser):
+    parser.add_argument('--host', required=True,
+                        help='compute host whose worker is asked')
+    parser.add_argument('--worker-timeout', type=float, default=10,
+                        help='seconds to wait for the worker to answer '
+                             '(default 10)')
+    _output_arg(parser)
+
+
+def _add_commands(sub):
+    snap = sub.add_parser(
+        'snapshot', help='snapshot an instance now and follow it',
+        description='Create the image as Nova\'s API does (unless '
+                    '--image-id), have the worker of --host fill it, '
+                    'follow it to its end.')
+    snap.add_argument('instance_uuid', metavar='INSTANCE')
+    snap.add_argument('--name', help='image name (default: "snapshot of '
+                                     'INSTANCE <UTC time>")')
+    snap.add_argument('--image-id',
+                      help='fill this queued image instead of creating one')
+    snap.add_argument('--disk-format', choices=('raw', 'qcow2'),
+                      help='image disk format (default: as the source)')
+    snap.add_argument('--timeout', dest='wait', type=float, default=3600,
+                      help='seconds to follow the snapshot (default 3600)')
+    _worker_args(snap)
     snap.set_defaults(func=cmd_snapshot)
 
-    watch = sub.add_parser('watch', help='print snapshot notifications')
-    watch.add_argument('--image-id')
-    watch.add_argument('--timeout', type=float, default=float('inf'),
-                       help='stop after this many seconds of silence')
+    plan = sub.add_parser(
+        'plan', help='which plan a snapshot would use, and why',
+        description='Ask the worker of --host which plan it would use for '
+                    'a snapshot of INSTANCE, and why. The same checks and '
+                    'refusals as a snapshot; nothing is read, created or '
+                    'notified.')
+    plan.add_argument('instance_uuid', metavar='INSTANCE')
+    plan.add_argument('--disk-format', choices=('raw', 'qcow2'),
+                      help='image disk format (default: as the source)')
+    _worker_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    watch = sub.add_parser('watch', help='follow snapshots as they happen')
+    watch.add_argument('--host', help='only this compute host\'s')
+    watch.add_argument('--instance', help='only this instance\'s')
+    watch.add_argument('--image-id', help='only this image\'s')
+    watch.add_argument('--timeout', dest='wait', type=float,
+                       default=float('inf'),
+                       help='stop after this many seconds without an event '
+                            'to show')
+    _output_arg(watch)
     watch.set_defaults(func=cmd_watch)
 
-    for name, func, what in (('status', cmd_status, 'is the worker of a '
-                              'host alive'),
-                             ('jobs', cmd_jobs, 'running and queued '
-                              'snapshots of a host'),
-                             ('cancel', cmd_cancel, 'stop one snapshot')):
+    for name, func, what in (
+            ('status', cmd_status, 'is the worker of a host alive'),
+            ('jobs', cmd_jobs, 'running and queued snapshots of a host '
+                               '(admins)'),
+            ('cancel', cmd_cancel, 'stop one snapshot (admins)')):
         command = sub.add_parser(name, help=what)
-        command.add_argument('--host', required=True)
         if name == 'cancel':
-            command.add_argument('image_id')
-        command.add_argument('--timeout', type=float, default=10,
-                             help='seconds to wait for the worker')
-        _identity_args(command)
+            command.add_argument('image_id', metavar='IMAGE_ID')
+        _worker_args(command)
+        # The former spelling of --worker-timeout.
+        command.add_argument('--timeout', dest='worker_timeout', type=float,
+                             default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
         command.set_defaults(func=func)
 
     stream = sub.add_parser(
@@ -252,12 +570,23 @@ def _parser():
     stream.add_argument('-o', '--output', default='-',
                         help='new file to write, or - for stdout')
     stream.set_defaults(func=cmd_stream)
+
+
+def _parser(argv):
+    title, _, rest = __doc__.partition('\n')
+    parser = _Parser(prog='snapworker', description=title, epilog=rest,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Registered for every command, so that the same credentials (an
+    # exported OS_CLOUD, a shell alias with --os-cloud) work before any.
+    parser.set_defaults(cloud_config=credentials.register_arguments(
+        parser, argv))
+    _add_commands(parser.add_subparsers(dest='command', required=True,
+                                        metavar='COMMAND'))
     return parser
 
 
-def main(argv=None, out=sys.stdout):
-    argv = sys.argv[1:] if argv is None else argv
-    # oslo.config takes --config-file/--config-dir; argparse the rest.
+def _split_config_args(argv):
+    """oslo.config takes --config-file/--config-dir; argparse the rest."""
     conf_args, rest = [], []
     it = iter(argv)
     for arg in it:
@@ -267,9 +596,24 @@ def main(argv=None, out=sys.stdout):
             conf_args.append(arg)
         else:
             rest.append(arg)
+    return conf_args, rest
+
+
+def main(argv=None, out=sys.stdout):
+    argv = sys.argv[1:] if argv is None else argv
+    conf_args, rest = _split_config_args(argv)
     CONF(conf_args, project='snapworker')
-    args = _parser().parse_args(rest)
-    return args.func(args, out)
+    try:
+        parser = _parser(rest)
+    except Exception as e:  # an unknown auth type, a broken clouds.yaml
+        sys.stderr.write(f'snapworker: {e}\n')
+        return EXIT_CREDENTIALS
+    args = parser.parse_args(rest)
+    try:
+        return args.func(args, out)
+    except _Failure as e:
+        sys.stderr.write(f'{e}\n')
+        return e.status
 
 
 if __name__ == '__main__':

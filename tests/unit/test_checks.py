@@ -120,13 +120,15 @@ class LibvirtTestCase(CheckTestCase):
 
 
 class FakeImageService:
-    """The one call the check makes: ``ImageService(context).stores()``."""
+    """The one call the check makes: ``ImageService(conf,
+    context).stores()``."""
 
     stores_answer = []
     error = None
     seen = []
 
-    def __init__(self, context):
+    def __init__(self, conf, context):
+        self.conf = conf
         self.context = context
 
     def stores(self):

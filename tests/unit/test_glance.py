@@ -44,7 +44,8 @@ class ContextAuthTestCase(testtools.TestCase):
 
     def test_noauth_claims_the_service_role_only_when_configured(self):
         self.conf.config(send_service_user_token=True, group='service_user')
-        auth = glance.ContextAuth(self.context, 'noauth')
+        self.conf.config(auth_strategy='noauth', group='glance')
+        auth = glance.context_auth(CONF, self.context)
         self.assertEqual('service',
                          auth.get_headers(None)['X-Service-Roles'])
 

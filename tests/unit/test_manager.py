@@ -352,3 +352,95 @@ class ManagerTestCase(testtools.TestCase):
                          sorted(self.images.deleted))
         self.assertFalse(self.manager.cancel_snapshot(
             admin, running)['cancelled'])
+
+
+class PlanTestCase(ManagerTestCase):
+    """``plan_snapshot`` (RPC 1.2): a snapshot's checks and choice, no I/O
+    on data, nothing created, nothing sent on the notification bus."""
+
+    def _plan(self, path, context=None, owner=fakes.PROJECT,
+              target_format=None, **domain):
+        instance = uuidutils.generate_uuid()
+        self.hypervisor.add(instance, path=path, owner=owner,
+                            fmt=self.formats.get(path), **domain)
+        return instance, self.api.plan_snapshot(
+            context or self.context, HOST, instance, target_format,
+            timeout=10)
+
+    def assertNothingHappened(self):
+        self.assertEqual(([], [], {}), (self.images.uploads,
+                                        self.images.deleted,
+                                        self.images.images))
+        self.assertRaises(queue.Empty, self.collector.events.get,
+                          timeout=0.5)
+        self.assertFalse(os.path.exists(self.scratch)
+                         and os.listdir(self.scratch))
+
+    def test_plan_names_strategy_and_reason(self):
+        base = self._disk('base.raw', fmt='raw')
+        path = self._disk(backing=base)
+        before = os.stat(path).st_mtime_ns
+
+        instance, plan = self._plan(path, target_format='raw')
+
+        self.assertEqual((HOST, instance, 'stream', 'file', 'qcow2', 'raw',
+                          4 * 1024 ** 2, fakes.PROJECT),
+                         (plan['host'], plan['instance_uuid'],
+                          plan['strategy'], plan['source_kind'],
+                          plan['source_format'], plan['target_format'],
+                          plan['virtual_size'], plan['instance_owner']))
+        self.assertTrue(plan['reason'])
+        self.assertNotIn('error_code', plan)
+        self.assertEqual(before, os.stat(path).st_mtime_ns)
+        self.assertNothingHappened()
+
+    def test_suspended_guest_plans_the_local_copy(self):
+        path = self._disk()
+        _, plan = self._plan(path, managed_save=True)
+        self.assertEqual(('convert', True),
+                         (plan['strategy'], plan['managed_save']))
+        self.assertNothingHappened()
+
+    def test_forged_plan_for_another_projects_instance_is_refused(self):
+        path = self._disk()
+        intruder = o_context.RequestContext(user_id='x', project_id='other',
+                                            roles=['member'])
+        _, plan = self._plan(path, context=intruder)
+        self.assertEqual('InstanceNotOwned', plan['error_code'])
+        self.assertNotIn('strategy', plan)
+        # An admin may look at any instance, as they may snapshot it.
+        admin = o_context.RequestContext(user_id='ops', project_id='other',
+                                         roles=['admin'])
+        self.assertEqual('stream',
+                         self._plan(path, context=admin)[1]['strategy'])
+        self.assertNothingHappened()
+
+    def test_hostile_disks_are_refused_as_a_snapshot_would_be(self):
+        outside = os.path.join(self.tmp, 'base.raw')
+        subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', outside,
+                        '4M'], check=True)
+        link = os.path.join(self.instances, 'link')
+        os.symlink('/etc/passwd', link)
+        for path, code in ((self._disk(backing=outside),
+                            'DiskOutsideInstancesPath'),
+                           (link, 'DiskOutsideInstancesPath'),
+                           (self._disk('d.vmdk', fmt='vmdk'),
+                            'UnsupportedDisk')):
+            _, plan = self._plan(path)
+            self.assertEqual(code, plan['error_code'], plan)
+        _, plan = self._plan(self._disk('up'), state='running')
+        self.assertEqual('InstanceNotShutOff', plan['error_code'])
+        self.conf.config(max_virtual_size=1024 ** 2, group='worker')
+        _, plan = self._plan(self._disk('big'))
+        self.assertEqual('DiskTooLarge', plan['error_code'])
+        self.assertNothingHappened()
+
+    def test_malformed_request_is_refused(self):
+        answer = self.api.plan_snapshot(self.context, HOST, 'not-a-uuid',
+                                        timeout=10)
+        self.assertEqual('InvalidRequest', answer['error_code'])
+        answer = self.api.plan_snapshot(
+            self.context, HOST, uuidutils.generate_uuid(), 'vmdk',
+            timeout=10)
+        self.assertEqual('InvalidRequest', answer['error_code'])
+        self.assertNothingHappened()

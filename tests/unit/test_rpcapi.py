@@ -1,8 +1,8 @@
 """The client side of the RPC API against servers of both versions.
 
 Real oslo.messaging clients and servers on the in-process ``fake://``
-transport: a 1.0 endpoint stands for a worker of the previous release, a
-1.1 one for a current worker.
+transport: a 1.0 endpoint stands for a worker two releases old, a 1.1 one
+for the previous release, a 1.2 one for a current worker.
 """
 
 import threading
@@ -56,6 +56,21 @@ class NewWorker(OldWorker):
     def get_status(self, context):
         return {'version': '1.1', 'host': HOST, 'running': [IMAGE],
                 'queued': []}
+
+
+class PlanningWorker(NewWorker):
+    """A 1.2 worker: answers plan_snapshot."""
+
+    target = messaging.Target(version='1.2')
+
+    def plan_snapshot(self, context, instance_uuid, target_format=None,
+                      max_virtual_size=None):
+        self.calls.append(dict(instance_uuid=instance_uuid,
+                               target_format=target_format,
+                               max_virtual_size=max_virtual_size,
+                               project_id=context.project_id))
+        return {'host': HOST, 'instance_uuid': instance_uuid,
+                'strategy': 'stream'}
 
 
 class RPCAPITest(testtools.TestCase):
@@ -124,7 +139,8 @@ class RPCAPITest(testtools.TestCase):
     def test_cast_versions(self):
         sent = []
         # Uncapped (every worker upgraded) requests carry sent_at: 1.1.
-        for cap, size, version in ((None, 1, '1.1'), ('1.1', 1, '1.1'),
+        for cap, size, version in ((None, 1, '1.1'), ('1.2', 1, '1.1'),
+                                   ('1.1', 1, '1.1'),
                                    ('1.0', 1, '1.0'), (None, None, '1.1'),
                                    ('1.0', None, '1.0')):
             api = self.api(cap)
@@ -162,6 +178,42 @@ class RPCAPITest(testtools.TestCase):
                       str(e))
         self.assertEqual([], worker.calls)
 
+    def test_plan_snapshot(self):
+        worker = self.serve(PlanningWorker())
+
+        plan = self.api().plan_snapshot(self.context, HOST, INSTANCE,
+                                        'qcow2', max_virtual_size=2 ** 30,
+                                        timeout=10)
+
+        self.assertEqual('stream', plan['strategy'])
+        self.assertEqual([{'instance_uuid': INSTANCE,
+                           'target_format': 'qcow2',
+                           'max_virtual_size': 2 ** 30,
+                           'project_id': 'p'}], worker.calls)
+
+    def test_plan_snapshot_capped_at_1_1_is_refused_before_sending(self):
+        # A 1.1 worker has no plan_snapshot: the cap says so, and the
+        # client says why instead of timing out on a call nobody answers.
+        worker = self.serve(PlanningWorker())
+        for cap in ('1.1', '1.0'):
+            api = self.api(cap)
+            api.client.call = api.client.cast = None  # nothing may be sent
+
+            e = self.assertRaises(rpcapi.VersionCapError, api.plan_snapshot,
+                                  self.context, HOST, INSTANCE, timeout=1)
+
+            self.assertEqual(('plan_snapshot', '1.2', cap),
+                             (e.method, e.version, e.version_cap))
+            self.assertIn('the workers are too old for it', str(e))
+        self.assertEqual([], worker.calls)
+
+    def test_capped_at_1_1_status_and_cancel_still_go(self):
+        self.serve(PlanningWorker())
+
+        status = self.api('1.1').get_status(self.context, HOST, timeout=10)
+
+        self.assertEqual(HOST, status['host'])
+
     def test_get_status_without_worker_times_out(self):
         self.assertRaises(messaging.MessagingTimeout,
                           self.api().get_status, self.context, HOST,
@@ -180,6 +232,6 @@ class RPCAPITest(testtools.TestCase):
                           'juno', group='upgrade_levels')
 
     def test_client_version_matches_history(self):
-        self.assertEqual('1.1', rpcapi.RPC_API_VERSION)
+        self.assertEqual('1.2', rpcapi.RPC_API_VERSION)
         self.assertIn(f'| {rpcapi.RPC_API_VERSION} - ',
                       rpcapi.SnapworkerAPI.__doc__)

@@ -127,6 +127,23 @@ class SnapshotWaiterTest(testtools.TestCase):
         self.assertIn('SourceReadError: disk went away', str(e))
         self.assertEqual(['started'], self.calls)
 
+    def test_cancelled_snapshot_raises_so_nova_records_the_fault(self):
+        # An admin's ``snapworker cancel`` mid-upload: the worker's error
+        # event makes snapshot() raise the generic failure (not
+        # ImageNotFound, which Nova treats as the user's doing and records
+        # no fault for), and the guest was already released.
+        e = self.assertRaises(
+            exception.SnapshotOffloadFailed, self.wait,
+            event(notifications.START, virtual_size=GIB),
+            event(notifications.PROGRESS, bytes_uploaded=GIB // 4),
+            event(notifications.ERROR, error_code='Cancelled',
+                  error_message='Snapshot into image img cancelled by ops',
+                  image_status='deleted'))
+
+        self.assertIn('Cancelled: Snapshot into image img cancelled', str(e))
+        self.assertNotIsInstance(e, nova_exception.ImageNotFound)
+        self.assertEqual(['started'], self.calls)
+
     def test_error_before_start_does_not_start(self):
         self.assertRaises(
             exception.SnapshotOffloadFailed, self.wait,

@@ -1,0 +1,110 @@
+"""Credentials to request context: what the worker receives."""
+
+import argparse
+from unittest import mock
+
+import testtools
+from keystoneauth1 import access
+from keystoneauth1 import fixture as ks_fixture
+from oslo_config import fixture as config_fixture
+
+from snapworker import rpc
+from snapworker.cmd import credentials
+from snapworker.conf import CONF
+
+
+def _access(roles=('member', 'reader')):
+    token = ks_fixture.V3Token(
+        user_id='u1', user_name='alice', user_domain_id='default',
+        project_id='p1', project_name='demo', project_domain_id='default')
+    for role in roles:
+        token.add_role(name=role)
+    token.add_service('image').add_standard_endpoints(
+        public='http://glance.example', internal='http://glance.internal',
+        region='RegionOne')
+    token.add_service('compute').add_standard_endpoints(
+        public='http://nova.example', region='RegionOne')
+    return access.create(body=token, auth_token='the-token')
+
+
+class ContextFromAccessTest(testtools.TestCase):
+
+    def test_token_identity_and_roles_are_the_sessions(self):
+        ctx = credentials.context_from_access(_access())
+        self.assertEqual(('the-token', 'u1', 'p1', ['member', 'reader'],
+                          'alice', 'demo', False),
+                         (ctx.auth_token, ctx.user_id, ctx.project_id,
+                          ctx.roles, ctx.user_name, ctx.project_name,
+                          ctx.is_admin))
+        self.assertTrue(credentials.context_from_access(
+            _access(roles=('admin',))).is_admin)
+
+    def test_only_the_image_service_of_the_catalog_goes_along(self):
+        ctx = credentials.context_from_access(_access())
+        self.assertEqual(['image'],
+                         [s['type'] for s in ctx.service_catalog])
+
+    def test_the_worker_receives_it_over_rpc(self):
+        # What the worker's end of the serializer rebuilds from the wire.
+        serializer = rpc.RequestContextSerializer()
+        sent = credentials.context_from_access(_access())
+        received = serializer.deserialize_context(
+            serializer.serialize_context(sent))
+        self.assertEqual(('the-token', 'u1', 'p1', ['member', 'reader']),
+                         (received.auth_token, received.user_id,
+                          received.project_id, received.roles))
+        urls = {e['url'] for e in received.service_catalog[0]['endpoints']}
+        self.assertIn('http://glance.internal', urls)
+
+
+class NoauthModeTest(testtools.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.conf = self.useFixture(config_fixture.Config(CONF))
+
+    def args(self, **kwargs):
+        values = dict(os_auth_type='none', noauth_user_id='u',
+                      noauth_project_id='p', noauth_roles='admin,member')
+        values.update(kwargs)
+        return argparse.Namespace(**values)
+
+    def test_needs_a_keystoneless_glance(self):
+        e = self.assertRaises(credentials.CredentialsError, credentials.load,
+                              None, self.args(), CONF)
+        self.assertIn('[glance] auth_strategy = noauth', str(e))
+
+    def test_needs_an_identity(self):
+        self.conf.config(auth_strategy='noauth', group='glance')
+        e = self.assertRaises(credentials.CredentialsError, credentials.load,
+                              None, self.args(noauth_user_id=None), CONF)
+        self.assertIn('--noauth-user-id', str(e))
+
+    def test_identity_is_the_one_given(self):
+        self.conf.config(auth_strategy='noauth',
+                         endpoint_override='http://127.0.0.1:9',
+                         group='glance')
+        identity = credentials.load(None, self.args(), CONF)
+        ctx = identity.context
+        self.assertEqual(('u', 'p', ['admin', 'member'], None),
+                         (ctx.user_id, ctx.project_id, ctx.roles,
+                          ctx.auth_token))
+
+    def test_keystone_session_is_used_for_glance_and_the_context(self):
+        session = mock.Mock()
+        session.auth.get_access.return_value = _access()
+        cloud = mock.Mock(config={'auth_type': 'password'})
+        cloud.get_session.return_value = session
+        cloud.get_interface.return_value = 'public'
+        cloud.get_region_name.return_value = 'RegionOne'
+        cloud.get_endpoint.return_value = None
+        config = mock.Mock()
+        config.get_one.return_value = cloud
+        with mock.patch('snapworker.glance.ImageService') as images:
+            identity = credentials.load(config, self.args(
+                os_auth_type='password'), CONF)
+        self.assertEqual('the-token', identity.context.auth_token)
+        images.assert_called_once_with(
+            CONF, identity.context, session=session,
+            adapter={'interface': 'public', 'region_name': 'RegionOne',
+                     'endpoint_override': None})
