@@ -33,6 +33,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -77,6 +78,7 @@ ADMIN_PASSWORD = "snapcloud-admin"
 MEMBER = {"user": "demo", "password": "snapcloud-demo", "project": "demo"}
 SERVICE_USERS = ("nova", "glance", "placement", "neutron")
 LIBVIRT_URI = "qemu:///system"
+_KVM_GET_API_VERSION = 0xAE00
 
 # WSGI apps, each under its own uWSGI; the extra flags Glance needs are
 # the test Glance's own.
@@ -418,15 +420,18 @@ def _create_vhost(base_url):
 
 
 def _ensure_libvirtd():
-    """The root libvirtd with real QEMU; whether it was started here.
+    """The root libvirtd with real QEMU: (started here, /dev/kvm's mode).
 
     /dev/kvm ships root:root 0600 here and QEMU (user libvirt-qemu, group
-    kvm) fails on it; the mode found is returned to be put back.
+    kvm) fails on it; the mode found is returned to be put back, or None
+    when KVM is not used (no usable /dev/kvm, or SNAPWORKER_CLOUD_VIRT_TYPE
+    =qemu): guests then run under QEMU's software emulation (TCG).
     """
     if not os.path.exists("/usr/bin/qemu-system-x86_64"):
         _apt_install("qemu-system-x86", "libvirt-daemon-system")
     kvm_mode = None
-    if os.path.exists("/dev/kvm"):
+    if os.environ.get("SNAPWORKER_CLOUD_VIRT_TYPE", "kvm") == "kvm" and (
+            _kvm_usable()):
         st = os.stat("/dev/kvm")
         kvm_mode = [stat.S_IMODE(st.st_mode), st.st_gid]
         shutil.chown("/dev/kvm", group="kvm")
@@ -438,6 +443,21 @@ def _ensure_libvirtd():
     services.wait_until(_libvirt_answers, 30, "root libvirtd",
                         "/var/log/libvirt/libvirtd.log")
     return True, kvm_mode
+
+
+def _kvm_usable():
+    """/dev/kvm opens and answers KVM's API version (12): a device node
+    alone (e.g. in a container without the module) is not enough."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, _KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _libvirt_answers():
