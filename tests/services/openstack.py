@@ -652,7 +652,9 @@ def start(state_dir, base_transport_url):
     sd = os.path.abspath(state_dir)
     for sub in ("pids", "logs", "data"):
         os.makedirs(os.path.join(sd, sub), exist_ok=True)
-    # QEMU runs as libvirt-qemu and must reach the instances folder.
+    # QEMU runs as libvirt-qemu and must reach the instances folder: the
+    # caller's folder (a private temporary one, often) too.
+    libvirtd_service._make_traversable(os.path.dirname(sd))
     libvirtd_service._make_traversable(sd)
     ports = {name: services.free_port() for name in _APIS}
     base = "http://127.0.0.1:%d"
