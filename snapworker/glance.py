@@ -77,10 +77,25 @@ class ContextAuth(ks_plugin.BaseAuthPlugin):
         return None
 
 
+_SERVICE_AUTH = None
+
+
 def _service_auth():
+    """The service user's auth plugin, one per process, as Nova keeps its
+    own (``nova/service_auth.py``).
+
+    keystoneauth reuses the plugin's token until it nears expiry, so a job
+    neither waits for a new service token nor for Glance to validate one
+    it has not seen: with a plugin per job that was ~1 s under load, spent
+    before the read while a suspended guest waits.
+    """
+    global _SERVICE_AUTH
     if not CONF.service_user.send_service_user_token:
         return None
-    return ks_loading.load_auth_from_conf_options(CONF, 'service_user')
+    if _SERVICE_AUTH is None:
+        _SERVICE_AUTH = ks_loading.load_auth_from_conf_options(
+            CONF, 'service_user')
+    return _SERVICE_AUTH
 
 
 def _client(context):

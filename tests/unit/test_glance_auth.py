@@ -48,6 +48,15 @@ class ContextAuthTestCase(testtools.TestCase):
         self.assertEqual('service',
                          auth.get_headers(None)['X-Service-Roles'])
 
+    def test_one_service_auth_plugin_for_every_job(self):
+        self.addCleanup(setattr, glance, '_SERVICE_AUTH', None)
+        self.assertIsNone(glance._service_auth())
+        self.conf.config(send_service_user_token=True, group='service_user')
+        self.conf.config(auth_type='password', group='service_user')
+        first = glance._service_auth()
+        self.assertIsNotNone(first)
+        self.assertIs(first, glance._service_auth())
+
     def test_endpoint_comes_from_the_callers_catalog(self):
         self.context.service_catalog = [
             {'type': 'compute', 'endpoints': [
