@@ -138,6 +138,12 @@ def parse_root_disk(xml):
     return None
 
 
+def _version(number):
+    """libvirt's packed version number (major * 1e6 + minor * 1e3 + micro)."""
+    major, rest = divmod(number, 1000000)
+    return f'{major}.{rest // 1000}.{rest % 1000}'
+
+
 class Hypervisor:
     """Read-only view of the domains of this host."""
 
@@ -151,6 +157,25 @@ class Hypervisor:
             if self._conn is None or not self._conn.isAlive():
                 self._conn = libvirt.openReadOnly(self._uri)
             return self._conn
+
+    def describe(self):
+        """Open the read-only connection and say what answers on it.
+
+        For ``snapworker-status upgrade check``: the worker needs nothing
+        but this connection from libvirt, so being able to open it is
+        what "libvirt reachable" means. Returns e.g. ``'QEMU 7.2.0 on
+        compute-1, libvirt 9.0.0'``.
+
+        :raises ConnectionError: the connection cannot be opened or does
+            not answer (libvirt's message as its text).
+        """
+        try:
+            conn = self._connection()
+            return (f'{conn.getType()} {_version(conn.getVersion())} on '
+                    f'{conn.getHostname()}, libvirt '
+                    f'{_version(conn.getLibVersion())}')
+        except libvirt.libvirtError as e:
+            raise ConnectionError(str(e)) from e
 
     def get_domain(self, instance_uuid):
         """The domain of an instance, with its state and root disk.

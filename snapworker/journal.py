@@ -79,6 +79,45 @@ _TMP_SUFFIX = '.tmp'
 _ASIDE_SUFFIX = '.corrupt'
 
 
+#: Filesystems whose content is gone after a reboot: a journal there
+#: cannot do its one job, cleaning up after a host crash.
+VOLATILE_FILESYSTEMS = frozenset({'tmpfs', 'ramfs', 'devtmpfs'})
+_MOUNTINFO = '/proc/self/mountinfo'
+
+
+def filesystem_type(path, mountinfo=_MOUNTINFO):
+    """The type (``ext4``, ``tmpfs`` ...) of the filesystem holding ``path``.
+
+    ``path`` need not exist: the mount point that is the longest prefix
+    of its real path decides, which is where it would be created.
+    Returns None when no mount is listed (no /proc).
+    """
+    real = os.path.realpath(path)
+    best, best_type = '', None
+    try:
+        with open(mountinfo) as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, rest = line.partition(' - ')
+        mount_point = _unescape(fields.split()[4])
+        inside = (real == mount_point or mount_point == '/'
+                  or real.startswith(mount_point + '/'))
+        # Later lines are mounts over earlier ones: >= keeps the last.
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, rest.split()[0]
+    return best_type
+
+
+def _unescape(field):
+    """mountinfo writes space, tab, newline and backslash as octal."""
+    for code, char in (('\\040', ' '), ('\\011', '\t'),
+                       ('\\012', '\n'), ('\\134', '\\')):
+        field = field.replace(code, char)
+    return field
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -116,6 +155,27 @@ class Journal:
         for name in os.listdir(self.directory):
             if name.endswith(_TMP_SUFFIX):
                 os.unlink(os.path.join(self.directory, name))
+
+    def probe(self):
+        """Write, fsync and remove a scratch file the way records are written.
+
+        For ``snapworker-status upgrade check``: proves the directory takes
+        a durable write from this user without creating a record. The
+        file has the temporary suffix, so a probe interrupted half-way is
+        dropped by the next ``prepare()``.
+
+        :raises OSError: the directory cannot take a record.
+        """
+        path = os.path.join(self.directory,
+                            f'probe.{uuidutils.generate_uuid()}{_TMP_SUFFIX}')
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b'{}')
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        _fsync_dir(self.directory)
 
     def new_record(self, image_id, instance_uuid, context, host):
         """A record for one job; nothing is written until ``begin()``."""

@@ -122,10 +122,10 @@ class SnapshotJob(sources_base.PlanContext):
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
-    def upload(self, body, disk_format, store=None):
+    def upload(self, stream, disk_format, store=None):
         store = store or self._store
         self.payload.store = store
-        self.payload.bytes_total = body.size
+        self.payload.bytes_total = stream.size
 
         def on_progress(bytes_out):
             self.check_cancelled()
@@ -136,10 +136,10 @@ class SnapshotJob(sources_base.PlanContext):
             self._conf.glance.hash_algorithm)
             if self._conf.worker.verify_upload else None)
         counting = streams_body.CountingBody(
-            body, on_progress, digest, throttle=hostio.Throttle(
+            stream, on_progress, digest, throttle=hostio.Throttle(
                 self._conf.worker.max_read_bytes_per_second))
         try:
-            self._images.upload(self.image_id, counting, body.size,
+            self._images.upload(self.image_id, counting, stream.size,
                                 disk_format, store=store)
             if digest is not None:
                 self._sent_digest = (digest.algorithm, *digest.finish())

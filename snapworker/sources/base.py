@@ -26,7 +26,7 @@ pipeline's job, which fills a Glance image, or ``snapworker stream``'s,
 which writes a file) and may call only what that class declares::
 
     ctx.image_id                     # names resources before they exist
-    ctx.upload(body, disk_format)    # body: .size, .read(n), .bytes_read
+    ctx.upload(stream, disk_format)  # an image stream (see streams/)
     ctx.register_location(url, validation_data)   # clone plans
     ctx.source_released()            # the disk is no longer needed
     ctx.add_scratch_bytes(n)         # truthful scratch accounting
@@ -110,8 +110,8 @@ class PlanContext(abc.ABC):
         self.scratch_bytes = 0
 
     @abc.abstractmethod
-    def upload(self, body, disk_format, store=None):
-        """Consume ``body`` to its end as the image's data."""
+    def upload(self, stream, disk_format, store=None):
+        """Consume the image stream to its end as the image's data."""
 
     @abc.abstractmethod
     def register_location(self, url, validation_data=None):
@@ -176,21 +176,21 @@ class Plan(abc.ABC):
 
 
 class StreamPlan(Plan):
-    """Upload a body generated from the disk as it is read: no scratch."""
+    """Upload an image stream generated as the disk is read: no scratch."""
 
     strategy = 'stream'
 
-    def __init__(self, target_format, reason, open_body):
+    def __init__(self, target_format, reason, open_stream):
         super().__init__(target_format, reason)
-        self._open_body = open_body
+        self._open_stream = open_stream
 
     def run(self, ctx):
-        body = self._open_body()
+        stream = self._open_stream()
         try:
-            ctx.upload(body, self.target_format)
+            ctx.upload(stream, self.target_format)
         finally:
-            ctx.add_bytes_read(body.bytes_read)
-            body.close()
+            ctx.add_bytes_read(stream.bytes_read)
+            stream.close()
         ctx.source_released()
 
 

@@ -29,6 +29,8 @@ SNAP_PREFIX = 'snapworker-'
 #: The snapshot Glance's rbd store expects on its images.
 GLANCE_SNAP = 'snap'
 _URL_SCHEME = 'rbd://'
+#: The object librbd lists a pool's images in.
+_RBD_DIRECTORY = 'rbd_directory'
 
 
 def snap_name(image_id):
@@ -245,5 +247,35 @@ def flatten_clone(conf, clone, snapshot):
                 LOG.info('Clone %s is gone (image deleted)', clone)
         with conn.open_ioctx(snapshot.pool) as ioctx:
             remove_snapshot(ioctx, snapshot.image, snapshot.snapshot)
+    finally:
+        conn.shutdown()
+
+
+def check_pools(conf, pools):
+    """Connect with ``[rbd]`` and open each pool; touch nothing.
+
+    For ``snapworker-status upgrade check``. Returns the cluster's fsid.
+
+    :raises RbdError: the cluster does not answer, or a pool is missing
+        or not readable by ``[rbd] user`` (the first such pool is named).
+    """
+    conn = connect(conf)
+    try:
+        fsid = conn.get_fsid()
+        for pool in pools:
+            try:
+                with conn.open_ioctx(pool) as ioctx:
+                    # One small read the user's caps must allow: the
+                    # pool's RBD directory (absent in a pool without
+                    # images yet, which is fine).
+                    try:
+                        ioctx.stat(_RBD_DIRECTORY)
+                    except rados.ObjectNotFound:
+                        pass
+            except rados.Error as e:
+                raise exception.RbdError(operation='open',
+                                         target=f'pool {pool}',
+                                         reason=str(e)) from e
+        return fsid
     finally:
         conn.shutdown()

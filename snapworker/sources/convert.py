@@ -98,8 +98,8 @@ class ConvertPlan(base.Plan):
         ctx.add_scratch_bytes(os.stat(copy).st_blocks * 512)
         ctx.source_released()
         chunk = self._conf.worker.chunk_size
-        with passthrough.FileStream(copy, chunk) as body:
-            ctx.upload(body, self.target_format)
+        with passthrough.FileStream(copy, chunk) as stream:
+            ctx.upload(stream, self.target_format)
 
     def cleanup(self):
         if self._workdir:

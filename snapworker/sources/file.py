@@ -45,7 +45,7 @@ class FileSource(chain.PinnedSource):
         else the convert plan, Nova's way, chosen for that reason.
 
         ============================  =======  ============================
-        source                        target   body
+        source                        target   image stream
         ============================  =======  ============================
         qcow2, no backing file        qcow2    the file itself
         raw                           raw      the file, holes not read

@@ -319,13 +319,13 @@ class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
         view = rbd_stream.RbdView(rbd.Image(
             self._source.ioctx, self._source.name, snapshot=snap,
             read_only=True))
-        body = streams.open_stream(view, self.target_format,
-                                   self._chunk_size)
+        stream = streams.open_stream(view, self.target_format,
+                                     self._chunk_size)
         try:
-            ctx.upload(body, self.target_format, store=self._store_id)
+            ctx.upload(stream, self.target_format, store=self._store_id)
         finally:
-            ctx.add_bytes_read(body.bytes_read)
-            body.close()
+            ctx.add_bytes_read(stream.bytes_read)
+            stream.close()
 
     def cleanup(self):
         self._drop_snapshot()

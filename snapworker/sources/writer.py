@@ -12,7 +12,7 @@ from snapworker.sources import base
 
 
 class WriteContext(base.PlanContext):
-    """Writes the body of ``upload`` to ``out``; journals nothing."""
+    """Writes the image stream of ``upload`` to ``out``; journals nothing."""
 
     #: Names the scratch directory of a convert plan.
     image_id = 'stream'
@@ -22,9 +22,9 @@ class WriteContext(base.PlanContext):
         self._out = out
         self.bytes_out = 0
 
-    def upload(self, body, disk_format, store=None):
+    def upload(self, stream, disk_format, store=None):
         while True:
-            data = body.read(units.Mi)
+            data = stream.read(units.Mi)
             if not data:
                 break
             self._out.write(data)

@@ -1,17 +1,30 @@
-"""Disk views and upload bodies that never write a scratch copy.
+"""Disk views and image streams: a snapshot's bytes without a scratch copy.
 
-A *view* (:mod:`snapworker.streams.extents`, :mod:`snapworker.streams.nbd`,
-:mod:`snapworker.streams.rbd`) answers two questions about a disk's guest
-content: which ranges hold data and which read as zeros (``extents()``),
-and what the bytes of a data range are (``pread()``).  An *encoder*
-(:mod:`snapworker.streams.raw`, :mod:`snapworker.streams.qcow2`) turns a
-view into a file-like object whose exact length is known before the first
-byte, reads each data byte of the source once, never reads a hole, and
-holds at most one chunk in memory.
-:mod:`snapworker.streams.body` adapts such a stream for glanceclient.
+One vocabulary, used by every module here and by the plans:
+
+*view* (``extents.DiskView``)
+    The guest's content of one disk, whatever its format or backend, as a
+    flat byte range ``[0, virtual_size)``: ``extents()`` says which ranges
+    hold data and which read as zeros, ``pread()``/``pread_many()`` read
+    data.  ``extents.RawFileView`` and ``BlockDeviceView`` (a raw file or
+    device), ``nbd.NbdChainView`` (a qcow2 chain exported by qemu-nbd),
+    ``rbd.RbdView`` (an RBD snapshot).
+*image stream*
+    The bytes of one image file of a given format, as a file-like object:
+    ``size`` (exact, known before the first byte), ``read(n)`` (at most
+    one chunk, ``b''`` at the end), ``bytes_read`` (what it took from the
+    source: holes are never read) and ``close()``.  Generated from a view
+    by an encoder (``raw.RawStream``, ``qcow2.Qcow2Stream``, both built on
+    ``generated.GeneratedStream``; :func:`open_stream` picks one), or a
+    file that already is the image (``passthrough.FileStream``).
+*body*
+    An image stream as the HTTP layer reads it (``body.CountingBody``):
+    it counts what Glance took, hashes it (``digest``) and reports
+    progress.
 
 Nothing here talks to Glance or libvirt; the sources and the pipeline pick
-the view and the encoder.
+the view and the encoder.  Every image stream holds at most one chunk
+(``[worker] chunk_size``) of the disk in memory.
 """
 
 from snapworker.streams import qcow2

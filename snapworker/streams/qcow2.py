@@ -31,7 +31,7 @@ import bisect
 import struct
 from collections.abc import Iterator
 
-from snapworker.streams import body
+from snapworker.streams import generated
 from snapworker.streams.extents import Extent
 from snapworker.streams.extents import merge_extents
 
@@ -186,7 +186,7 @@ class _Layout:
             yield Extent(pos, end - pos, False)
 
 
-class Qcow2Stream(body.PieceStream):
+class Qcow2Stream(generated.GeneratedStream):
     """A valid standalone qcow2 v3 image whose guest content is ``view``.
 
     ``size`` is exact as soon as the object exists (the layout is planned
@@ -197,7 +197,7 @@ class Qcow2Stream(body.PieceStream):
     """
 
     def __init__(self, view, cluster_size: int = 65536,
-                 chunk_size: int = body.DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = generated.DEFAULT_CHUNK_SIZE):
         bits = cluster_size.bit_length() - 1
         if (cluster_size != 1 << bits or
                 not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS):

@@ -2,10 +2,10 @@
 
 from collections.abc import Iterator
 
-from snapworker.streams import body
+from snapworker.streams import generated
 
 
-class RawStream(body.PieceStream):
+class RawStream(generated.GeneratedStream):
     """The guest content of ``view`` as a raw image, ``view.virtual_size``
     bytes long.
 

@@ -10,11 +10,12 @@ import time
 import uuid
 
 import rbd
+from oslo_utils import units
 
 from snapworker.sources import ceph as sw_ceph
 from tests.services import ceph
 
-MiB = 1024 * 1024
+MiB = units.Mi
 #: The worker's own snapshots on instance disks start with this.
 WORKER_SNAP_PREFIX = 'snapworker-'
 

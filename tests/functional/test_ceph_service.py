@@ -12,10 +12,11 @@ import tempfile
 import rados
 import rbd
 import testtools
+from oslo_utils import units
 
 from tests.services import ceph
 
-MiB = 1024 * 1024
+MiB = units.Mi
 SIZE = 8 * MiB
 SNAP = "snap"
 

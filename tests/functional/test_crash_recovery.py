@@ -12,6 +12,7 @@ import os
 import signal
 
 import rbd
+from oslo_utils import units
 
 from snapworker import events
 from snapworker.conf import CONF
@@ -19,7 +20,7 @@ from tests.functional import base
 from tests.functional import rbd_helpers
 from tests.services import worker as worker_service
 
-MiB = 1024 * 1024
+MiB = units.Mi
 START = 'snapshot.create.start'
 ERROR = 'snapshot.create.error'
 

@@ -29,11 +29,12 @@ import glanceclient
 import glanceclient.exc
 import rbd
 import testtools
+from oslo_utils import units
 
 from tests.services import ceph
 from tests.services import glance
 
-MiB = 1024 * 1024
+MiB = units.Mi
 SNAP = "snap"
 
 

@@ -9,10 +9,12 @@ with fincore(1).
 import os
 import subprocess
 
+from oslo_utils import units
+
 from snapworker import notifications
 from tests.functional import base
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 def resident(path):

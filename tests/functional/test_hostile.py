@@ -20,6 +20,7 @@ import time
 
 import glanceclient
 from oslo_context import context as o_context
+from oslo_utils import units
 
 from snapworker import events
 from snapworker import notifications
@@ -27,7 +28,7 @@ from snapworker.conf import CONF
 from tests.functional import base
 from tests.services import glance as glance_service
 
-MiB = 1024 * 1024
+MiB = units.Mi
 OTHER_PROJECT = '0a1b2c3d4e5f40718293a4b5c6d7e8f9'
 
 

@@ -31,6 +31,7 @@ import sys
 import textwrap
 import uuid
 
+from oslo_utils import units
 from testtools import content
 
 from snapworker import manager
@@ -48,7 +49,7 @@ _CHILD = ('import sys; '
           'from tests.functional import nova_compute; '
           'nova_compute.main(sys.argv[2])')
 
-MiB = 1024 * 1024
+MiB = units.Mi
 RBD_SIZE = 32 * MiB
 #: (offset, length, byte) written to each RBD disk; the rest is holes.
 RBD_WRITES = ((0, MiB, 0x11), (9 * MiB, 2 * MiB, 0x22),

@@ -21,8 +21,11 @@ CLI = os.path.join(os.path.dirname(sys.executable), 'snapworker')
 class OperatorCliTest(base.FunctionalTestCase):
 
     worker_conf = {'worker.max_concurrent_snapshots': '1',
-                   # Slow enough to be seen running, and cancelled.
-                   'worker.max_read_bytes_per_second': str(16 * 1024 ** 2)}
+                   # Slow enough to be seen running and still be running
+                   # when cancelled: the five CLI runs before that take
+                   # 2-4 s each on a loaded machine, the 200 MiB read at
+                   # this cap 100 s (a cancel stops it within a chunk).
+                   'worker.max_read_bytes_per_second': str(2 * 1024 ** 2)}
 
     def cli(self, *args, roles='admin,member', timeout=60):
         proc = subprocess.run(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from oslo_utils import units
 from testtools import content
 
 from snapworker import events
@@ -27,7 +28,7 @@ from tests.functional import base
 from tests.services import glance as glance_service
 from tests.services import worker as worker_service
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 def _journal(workdir):

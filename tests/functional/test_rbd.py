@@ -33,12 +33,13 @@ import uuid
 import rados
 import rbd
 from oslo_context import context as o_context
+from oslo_utils import units
 
 from tests.functional import base
 from tests.functional import rbd_helpers
 from tests.services import glance as glance_service
 
-MiB = 1024 * 1024
+MiB = units.Mi
 SIZE = 32 * MiB
 #: (offset, length, byte): data written to every test disk; the rest is
 #: never written (holes).

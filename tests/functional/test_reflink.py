@@ -10,11 +10,13 @@ clone. Beside it, the same disk on ext4 takes the convert plan.
 import os
 import subprocess
 
+from oslo_utils import units
+
 from snapworker import events
 from snapworker.conf import CONF
 from tests.functional import base
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 class ReflinkReleaseTest(base.FunctionalTestCase):

@@ -20,11 +20,13 @@ beside them (tests/services/openstack.py; services.json key ``cloud``).
 
 import argparse
 import concurrent.futures
+import functools
 import importlib
 import json
 import os
 import sys
 import time
+import uuid
 
 from tests import services
 from tests.services import glance
@@ -105,9 +107,15 @@ def _start_in_parallel(state_dir, rbd, started):
     Every handle that did start is recorded before the first failure is
     re-raised, so the caller can stop it.
     """
+    # Both Glances are shared by every test: their data goes to MariaDB.
+    run = uuid.uuid4().hex[:8]
     jobs = {
-        "glance": (glance.start, os.path.join(state_dir, "glance"), rbd),
-        "glance_noauth": (glance.start,
+        "glance": (functools.partial(glance.start,
+                                     database="snapworker_glance_" + run),
+                   os.path.join(state_dir, "glance"), rbd),
+        "glance_noauth": (functools.partial(
+                              glance.start,
+                              database="snapworker_glance_noauth_" + run),
                           os.path.join(state_dir, "glance-noauth"), rbd,
                           "unauthenticated"),
         "libvirtd": (libvirtd.start, state_dir),

@@ -20,6 +20,10 @@ Usage::
     svc = glance.start(state_dir)
     ...  # talk to svc.url
     svc.stop()
+
+A Glance that the whole test run shares keeps its data in MariaDB
+(``database=``, see mariadb.py for why); a test's private Glance may use
+sqlite in its state dir.
 """
 
 import contextlib
@@ -30,10 +34,12 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import glanceclient
 
 from tests import services
+from tests.services import mariadb
 
 # tools/setup-env builds it; GLANCE_VENV points elsewhere, as there.
 VENV = os.environ.get("GLANCE_VENV",
@@ -81,6 +87,8 @@ class GlanceService:
     log_path: str
     pid: int
     pipeline: str
+    #: The MariaDB database (and user) of its data; None: sqlite.
+    database: str | None = None
 
     def to_dict(self):
         """Return a JSON-serialisable description, for stop_from_dict()."""
@@ -105,12 +113,15 @@ class GlanceService:
 
 
 def stop_from_dict(d, timeout=15):
-    """Stop a Glance started by another process, from its to_dict()."""
+    """Stop a Glance started by another process, from its to_dict(),
+    for good: its MariaDB database goes too."""
     services.stop_group(d["pid"], timeout)
+    if d.get("database"):
+        mariadb.drop_database(d["database"])
 
 
 def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
-          timeout=60, port=None):
+          timeout=60, port=None, database=None):
     """Start Glance with its config, database and stores under state_dir.
 
     rbd, if given, adds a ``ceph`` rbd store beside the default ``local``
@@ -122,6 +133,8 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
     once ``/versions`` answers; raises services.ServiceError otherwise.
     ``port``: a given port, to restart a stopped Glance where it was (its
     database and stores stay in state_dir).
+    ``database``: keep the data in this new MariaDB database (dropped by
+    stop_from_dict) instead of sqlite in state_dir.
     """
     if pipeline not in PIPELINES:
         raise ValueError("pipeline must be one of %s" % (PIPELINES,))
@@ -132,9 +145,13 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
     for sub in ("images", "staging", "tasks", "locks"):
         os.makedirs(os.path.join(state_dir, sub), exist_ok=True)
     port = port or services.free_port()
-    conf_path = _write_config(state_dir, port, pipeline, rbd)
+    if database:
+        db_url = mariadb.create_database(database, uuid.uuid4().hex)
+    else:
+        db_url = "sqlite:///%s/glance.sqlite" % state_dir
+    conf_path = _write_config(state_dir, port, pipeline, rbd, db_url)
     log_path = os.path.join(state_dir, "glance.log")
-    _db_sync(state_dir, conf_path, log_path)
+    _db_sync(state_dir, conf_path, log_path, sqlite=not database)
     url = "http://127.0.0.1:%d" % port
     log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     proc = services.spawn(
@@ -142,7 +159,8 @@ def start(state_dir, rbd=None, pipeline="trusted-headers", processes=1,
          "--http-socket", "127.0.0.1:%d" % port,
          "--processes", str(processes)],
         log_path, env=_environ(state_dir), cwd=state_dir)
-    svc = GlanceService(url, state_dir, log_path, proc.pid, pipeline)
+    svc = GlanceService(url, state_dir, log_path, proc.pid, pipeline,
+                        database)
     try:
         services.wait_until(lambda: _answers(url), timeout,
                             "Glance at %s" % url, log_path, proc)
@@ -165,10 +183,10 @@ def _environ(state_dir):
     return env
 
 
-def _db_sync(state_dir, conf_path, log_path):
-    """Create the sqlite schema once; a failed sync leaves no database."""
+def _db_sync(state_dir, conf_path, log_path, sqlite=True):
+    """Create the schema once; a failed sync leaves no sqlite database."""
     db_path = os.path.join(state_dir, "glance.sqlite")
-    if os.path.exists(db_path):
+    if sqlite and os.path.exists(db_path):
         return
     proc = services.spawn(
         [os.path.join(VENV, "bin", "glance-manage"),
@@ -179,6 +197,8 @@ def _db_sync(state_dir, conf_path, log_path):
             os.unlink(db_path)
         raise services.ServiceError("glance-manage db_sync failed; log %s:\n%s"
                                     % (log_path, services.log_tail(log_path)))
+    if not sqlite:
+        return
     # Several uWSGI processes share the file: in the default rollback
     # journal a reader upgrading to a writer gets "database is locked" at
     # once (HTTP 500) under concurrent requests. WAL mode, which persists
@@ -214,7 +234,7 @@ def _answers(url):
         return False
 
 
-def _write_config(state_dir, port, pipeline, rbd):
+def _write_config(state_dir, port, pipeline, rbd, db_url):
     """Write glance-api.conf and its paste ini; return the conf path."""
     conf_path = os.path.join(state_dir, "glance-api.conf")
     paste_path = os.path.join(state_dir, "glance-api-paste.ini")
@@ -228,7 +248,7 @@ def _write_config(state_dir, port, pipeline, rbd):
         use_stderr = True
 
         [database]
-        connection = sqlite:///{state_dir}/glance.sqlite
+        connection = {db_url}
 
         [glance_store]
         default_backend = local

@@ -48,6 +48,7 @@ import urllib.request
 from tests import services
 from tests.services import glance as glance_service
 from tests.services import libvirtd as libvirtd_service
+from tests.services import mariadb
 from tests.services import worker as worker_service
 
 VENV = os.environ.get("CLOUD_VENV",
@@ -364,23 +365,6 @@ def _run_devstack_plugin(sd, nova_conf, urls, transport_url):
 
 # -- machine services
 
-def _mysql(sql):
-    subprocess.run(["mysql", "-u", "root", "-e", sql], check=True,
-                   capture_output=True, text=True)
-
-
-def _ensure_mariadb():
-    """MariaDB on 127.0.0.1:3306: installed and started when none answers."""
-    if services.port_open("127.0.0.1", 3306):
-        return
-    if not shutil.which("mysqld"):
-        _apt_install("mariadb-server")
-    subprocess.run(["/etc/init.d/mariadb", "start"], check=True,
-                   capture_output=True)
-    services.wait_until(lambda: services.port_open("127.0.0.1", 3306), 60,
-                        "MariaDB on 3306", "/var/log/mysql/error.log")
-
-
 def _apt_install(*packages):
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "install", "-y", "-q",
@@ -397,13 +381,14 @@ def _create_databases():
                 "CREATE DATABASE %s_%s CHARACTER SET utf8mb4" % (PREFIX, name),
                 "GRANT ALL ON %s_%s.* TO '%s'@'127.0.0.1'"
                 % (PREFIX, name, DB_USER)]
-    _mysql("; ".join(sql))
+    mariadb.run_sql("; ".join(sql))
 
 
 def _drop_databases():
-    _mysql("; ".join("DROP DATABASE IF EXISTS %s_%s" % (PREFIX, name)
-                     for name in DATABASES)
-           + "; DROP USER IF EXISTS '%s'@'127.0.0.1'" % DB_USER)
+    mariadb.run_sql(
+        "; ".join("DROP DATABASE IF EXISTS %s_%s" % (PREFIX, name)
+                  for name in DATABASES)
+        + "; DROP USER IF EXISTS '%s'@'127.0.0.1'" % DB_USER)
 
 
 def _rabbitmqctl(*args, check=True):
@@ -663,7 +648,7 @@ def start(state_dir, base_transport_url):
             "placement": base % ports["placement"],
             "compute": base % ports["nova-api"] + "/v2.1",
             "network": base % ports["neutron"]}
-    _ensure_mariadb()
+    mariadb.ensure_running()
     _create_databases()
     transport_url = _create_vhost(base_transport_url)
     started_libvirtd, kvm_mode = _ensure_libvirtd()

@@ -8,6 +8,7 @@ asked. tests/functional/test_crash_recovery.py kills real workers.
 import json
 import os
 import stat
+import tempfile
 from unittest import mock
 
 import fixtures
@@ -516,3 +517,52 @@ class ManagerRecoveryTestCase(testtools.TestCase):
         self.assertRaises(ValueError, sources.remove_leftover, CONF,
                           'lvm_snapshot', 'vg/lv')
 
+
+class FilesystemTypeTestCase(testtools.TestCase):
+    """Which filesystem a journal directory is (or would be) on."""
+
+    def mountinfo(self, *mounts):
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(fd, 'w') as f:
+            for i, (point, fstype) in enumerate(mounts):
+                f.write(f'{20 + i} 1 0:{i} / {point} rw,relatime - '
+                        f'{fstype} src rw\n')
+        return path
+
+    def test_longest_mount_point_decides(self):
+        info = self.mountinfo(('/', 'ext4'), ('/var/lib', 'xfs'),
+                              ('/var/lib/snap\\040dir', 'tmpfs'))
+        self.assertEqual('xfs', journal.filesystem_type(
+            '/var/lib/snapworker/journal', info))
+        self.assertEqual('tmpfs', journal.filesystem_type(
+            '/var/lib/snap dir/journal', info))
+        self.assertEqual('ext4', journal.filesystem_type(
+            '/var/library', info))
+
+    def test_a_later_mount_over_the_same_point_wins(self):
+        info = self.mountinfo(('/', 'ext4'), ('/srv', 'ext4'),
+                              ('/srv', 'tmpfs'))
+        self.assertEqual('tmpfs', journal.filesystem_type('/srv/j', info))
+
+    def test_no_mountinfo(self):
+        self.assertIsNone(journal.filesystem_type('/', '/nonexistent'))
+
+class ProbeTestCase(testtools.TestCase):
+
+    def test_probe_writes_nothing_that_stays(self):
+        directory = self.useFixture(fixtures.TempDir()).path
+        opened = []
+        real_open = os.open
+        self.useFixture(fixtures.MockPatch(
+            'os.open', side_effect=lambda path, *a: opened.append(path)
+            or real_open(path, *a)))
+        journal.Journal(directory).probe()
+        self.assertEqual([], os.listdir(directory))
+        # The probe file has the suffix prepare() drops after a crash.
+        self.assertTrue(opened[0].endswith('.tmp'), opened)
+
+    def test_probe_of_a_missing_directory_raises(self):
+        directory = self.useFixture(fixtures.TempDir()).path
+        self.assertRaises(OSError, journal.Journal(
+            os.path.join(directory, 'gone')).probe)

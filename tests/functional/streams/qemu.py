@@ -7,12 +7,13 @@ import subprocess
 import tempfile
 
 import testtools
+from oslo_utils import units
 
 from snapworker.streams import nbd
 from snapworker.streams import qcow2
 from snapworker.streams import raw
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 def run(*argv):

@@ -3,12 +3,14 @@
 import os
 import subprocess
 
+from oslo_utils import units
+
 from snapworker.streams import extents
 from snapworker.streams import qcow2
 from snapworker.streams import raw
 from tests.functional.streams import qemu
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 class BlockDeviceViewTestCase(qemu.QemuTestCase):

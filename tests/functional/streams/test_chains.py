@@ -8,15 +8,17 @@ check`` to be clean, and no backing file in the output.
 
 import os
 
+from oslo_utils import units
+
 from snapworker.streams import extents
 from snapworker.streams import nbd
 from snapworker.streams import qcow2
 from snapworker.streams import raw
 from tests.functional.streams import qemu
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+KiB = units.Ki
+MiB = units.Mi
+GiB = units.Gi
 TiB = 1024 * GiB
 
 

@@ -8,13 +8,14 @@ import sys
 import time
 
 import nbd as libnbd
+from oslo_utils import units
 
 from snapworker.streams import nbd
 from snapworker.streams import qcow2
 from snapworker.streams import raw
 from tests.functional.streams import qemu
 
-MiB = 1024 * 1024
+MiB = units.Mi
 HOLDER = '''
 import sys
 from snapworker.streams.nbd import NbdChainView, qemu_nbd_argv

@@ -4,10 +4,11 @@ from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from oslo_utils import units
 
 from tests.functional.streams import qemu
 
-KiB = 1024
+KiB = units.Ki
 SECTOR = 512
 MAX_SIZE = 2 * 1024 * KiB
 

@@ -13,12 +13,13 @@ import subprocess
 
 import fixtures
 import testtools
+from oslo_utils import units
 
 from snapworker import exception
 from snapworker.sources import chain
 from snapworker.sources import qcow2_header
 
-MiB = 1024 * 1024
+MiB = units.Mi
 
 
 def qemu_img(*args):

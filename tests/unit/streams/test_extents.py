@@ -5,12 +5,13 @@ import os
 import tempfile
 
 import testtools
+from oslo_utils import units
 
 from snapworker.streams import extents
 from snapworker.streams.extents import Extent
 
-KiB = 1024
-MiB = 1024 * KiB
+KiB = units.Ki
+MiB = units.Mi
 
 
 class MergeExtentsTestCase(testtools.TestCase):

@@ -6,14 +6,15 @@ import testtools
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from oslo_utils import units
 
 from snapworker.streams import qcow2
 from snapworker.streams.extents import Extent
 from tests.unit.streams import fakes
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+KiB = units.Ki
+MiB = units.Mi
+GiB = units.Gi
 TiB = 1024 * GiB
 
 

@@ -1,17 +1,18 @@
-"""RawStream, the read() contract of PieceStream, and CountingBody."""
+"""RawStream, the read() contract of GeneratedStream, and CountingBody."""
 
 import io
 import shutil
 
 import testtools
 from glanceclient.common import http
+from oslo_utils import units
 
 from snapworker.streams import body
 from snapworker.streams import raw
 from tests.unit.streams import fakes
 
-KiB = 1024
-MiB = 1024 * KiB
+KiB = units.Ki
+MiB = units.Mi
 
 
 class RawStreamTestCase(testtools.TestCase):

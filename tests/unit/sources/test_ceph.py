@@ -7,8 +7,10 @@ connect anywhere.
 
 from unittest import mock
 
+import fixtures
 import testtools
 
+from snapworker import exception
 from snapworker import sources
 from snapworker.conf import CONF
 from snapworker.sources import base
@@ -135,3 +137,34 @@ class RbdLeftoverTestCase(testtools.TestCase):
     def test_unknown_background_work_is_refused(self):
         self.assertRaises(ValueError, sources.resume_background, mock.Mock(),
                           'uploader', base.SCRATCH_DIR, '/s/x', {}, None)
+
+
+class CheckPoolsTestCase(testtools.TestCase):
+    """What snapworker-status asks Ceph; the real cluster is in the
+    functional tests (tests/functional/test_upgrade_check.py)."""
+
+    def setUp(self):
+        super().setUp()
+        self.conn = mock.Mock()
+        self.conn.get_fsid.return_value = FSID
+        self.conn.open_ioctx.side_effect = self._open_ioctx
+        self.ioctx = mock.MagicMock()
+        self.useFixture(fixtures.MockPatchObject(ceph, 'connect',
+                                                 return_value=self.conn))
+
+    def _open_ioctx(self, pool):
+        if pool == 'gone':
+            raise ceph.rados.ObjectNotFound('pool gone')
+        return self.ioctx
+
+    def test_each_pool_is_opened_and_read(self):
+        self.assertEqual(FSID, ceph.check_pools(CONF, ['images']))
+        self.ioctx.__enter__.return_value.stat.assert_called_once_with(
+            'rbd_directory')
+        self.conn.shutdown.assert_called_once_with()
+
+    def test_a_missing_pool_is_named(self):
+        error = self.assertRaises(exception.RbdError, ceph.check_pools,
+                                  CONF, ['images', 'gone'])
+        self.assertIn('gone', str(error))
+        self.conn.shutdown.assert_called_once_with()
