@@ -90,14 +90,35 @@ class ContextAuth(ks_plugin.BaseAuthPlugin):
         return None
 
 
+#: The service user's auth plugin of each configuration: (conf, plugin).
+_SERVICE_AUTH = {}
+
+
+def _service_auth(conf):
+    """The service user's auth plugin, one per process, as Nova keeps its
+    own (``nova/service_auth.py``); None unless ``[service_user]
+    send_service_user_token``.
+
+    keystoneauth reuses the plugin's token until it nears expiry, so a job
+    neither waits for a new service token nor for Glance to validate one
+    it has not seen: with a plugin per job that was ~1 s under load, spent
+    before the read while a suspended guest waits.
+    """
+    if not conf.service_user.send_service_user_token:
+        return None
+    cached = _SERVICE_AUTH.get(id(conf))
+    if cached is None or cached[0] is not conf:
+        cached = _SERVICE_AUTH[id(conf)] = (
+            conf, ks_loading.load_auth_from_conf_options(conf,
+                                                         'service_user'))
+    return cached[1]
+
+
 def context_auth(conf, context):
     """The ``ContextAuth`` ``conf`` asks for, acting as ``context``."""
     strategy = conf.glance.auth_strategy
     send_service = conf.service_user.send_service_user_token
-    service_auth = None
-    if strategy == 'keystone' and send_service:
-        service_auth = ks_loading.load_auth_from_conf_options(
-            conf, 'service_user')
+    service_auth = _service_auth(conf) if strategy == 'keystone' else None
     return ContextAuth(context, strategy, service_auth,
                        service_roles=strategy == 'noauth' and send_service)
 

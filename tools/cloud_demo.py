@@ -75,9 +75,9 @@ class Demo:
         image_id = base.upload_image(self.cloud, path, "demo-firmware-only")
         self.images.append(image_id)
         server = self.boot("demo", image_id)
-        self.cli("server", "stop", server["id"], json_out=False)
-        self.wait_for(server["id"], "SHUTOFF")
-        snap, api_wait, _ = self.snapshot(server["id"], "demo-snapshot")
+        self.stop(server["id"])
+        snap, api_wait, observer = self.snapshot(server["id"],
+                                                 "demo-snapshot")
         downloaded = os.path.join(self.workdir, "snapshot")
         self.cli("image", "save", "--file", downloaded, snap["id"],
                  json_out=False)
@@ -86,45 +86,56 @@ class Demo:
         copy = self.boot("demo-from-snapshot", snap["id"])
         copy_identical, _ = base.compare_images(self.disk(copy["id"]),
                                                 self.disk(server["id"]))
-        end = [e for _, e in bus.worker_events(snap["id"])
-               if e.event_type == "snapshot.create.end"]
+        end = _end_payload(bus, snap["id"])
         result = {
             "server_id": server["id"], "image_id": snap["id"],
             "status": snap["status"], "identical": identical,
             "booted_from_snapshot": (copy["status"] == "ACTIVE"
                                      and copy_identical),
-            "strategy": end[0].payload["strategy"] if end else None,
-            "scratch_bytes": end[0].payload["scratch_bytes"] if end else None,
+            "strategy": end.get("strategy"),
+            "scratch_bytes": end.get("scratch_bytes"),
             "api_wait_seconds": round(api_wait, 2),
         }
+        sequences = {"stopped": _sequences(observer)}
         # The same kinds of server through Nova's own driver (nova-compute
         # restarted with it), and a running one through snapworker.
         native = {kind: self.boot("demo-native-" + kind, image_id)
                   for kind in ("stopped", "running")}
         delegated_running = self.boot("demo-running", image_id)
-        self.cli("server", "stop", native["stopped"]["id"], json_out=False)
-        self.wait_for(native["stopped"]["id"], "SHUTOFF")
+        self.stop(native["stopped"]["id"])
         openstack.use_driver(self.cloud, "native")
         try:
-            _, waited, _ = self.snapshot(native["stopped"]["id"],
-                                         "demo-native-stopped")
+            snap, waited, observer = self.snapshot(native["stopped"]["id"],
+                                                   "demo-native-stopped")
             result["native_api_wait_seconds"] = round(waited, 2)
+            # Nova extracts the whole image into snapshots_directory and
+            # uploads that file: the image's size is what it wrote there.
+            result["native_scratch_bytes"] = snap.get("size")
+            sequences["native_stopped"] = _sequences(observer)
             _, waited, observer = self.snapshot(native["running"]["id"],
                                                 "demo-native-running")
             result["native_running_api_wait_seconds"] = round(waited, 2)
             result["native_guest_held_seconds"] = _round(
                 observer.held_seconds())
+            sequences["native_running"] = _sequences(observer)
         finally:
             openstack.use_driver(self.cloud, "snapworker")
         snap, waited, observer = self.snapshot(delegated_running["id"],
                                                "demo-running")
-        result["running_api_wait_seconds"] = round(waited, 2)
-        result["guest_held_seconds"] = _round(observer.held_seconds())
-        end = [e for _, e in bus.worker_events(snap["id"])
-               if e.event_type == "snapshot.create.end"]
-        result["running_scratch_bytes"] = (
-            end[0].payload["scratch_bytes"] if end else None)
+        end = _end_payload(bus, snap["id"])
+        result.update(
+            running_api_wait_seconds=round(waited, 2),
+            guest_held_seconds=_round(observer.held_seconds()),
+            running_strategy=end.get("strategy"),
+            running_scratch_bytes=end.get("scratch_bytes"),
+            running_source_held_seconds=end.get("source_held_seconds"))
+        sequences["running"] = _sequences(observer)
+        result["sequences"] = sequences
         return result
+
+    def stop(self, server_id):
+        self.cli("server", "stop", server_id, json_out=False)
+        self.wait_for(server_id, "SHUTOFF")
 
     def clean(self):
         for server_id in self.servers:
@@ -133,6 +144,25 @@ class Demo:
         for image_id in self.images:
             self.cli("image", "delete", image_id, admin=True,
                      json_out=False, check=False)
+
+
+def _end_payload(bus, image_id, timeout=30):
+    """The worker's snapshot.create.end payload for image_id ({} if none
+    came within timeout: the bus may lag the API)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, event in bus.worker_events(image_id):
+            if event.event_type == "snapshot.create.end":
+                return event.payload
+        time.sleep(0.2)
+    return {}
+
+
+def _sequences(observer):
+    """Task states seen through the API and guest states through
+    libvirt, each change once."""
+    return {"task_states": observer.task_states(),
+            "guest": [state for _, state in observer.guest]}
 
 
 def _round(seconds):

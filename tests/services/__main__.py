@@ -64,13 +64,20 @@ def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
             % state_path)
     os.makedirs(state_dir, exist_ok=True)
     started = {}
-    early = concurrent.futures.ThreadPoolExecutor(1)
-    # The slowest to start (~30 s) and needing nothing else: from the
-    # outset, beside Ceph and then the Glances and libvirtd.
-    cluster = early.submit(_timed, "rabbit_cluster", rabbitmq_cluster.start,
-                           os.path.join(state_dir, "rabbit-cluster"))
+    transport_url = _timed("rabbitmq", rabbitmq.ensure_running)
+    # The slowest to start and needing nothing but the shared broker: from
+    # the outset, beside Ceph and then the Glances and libvirtd. The
+    # private RabbitMQ cluster takes ~30 s, the cloud ~1-2 min.
+    early_jobs = {"rabbit_cluster": (
+        rabbitmq_cluster.start, os.path.join(state_dir, "rabbit-cluster"))}
+    if with_cloud:
+        cloud = importlib.import_module(_MODULES["cloud"])
+        early_jobs["cloud"] = (cloud.start, os.path.join(state_dir, "cloud"),
+                               transport_url)
+    early = concurrent.futures.ThreadPoolExecutor(len(early_jobs))
+    futures = {name: early.submit(_timed, name, *job)
+               for name, job in early_jobs.items()}
     try:
-        transport_url = _timed("rabbitmq", rabbitmq.ensure_running)
         rbd = None
         if with_ceph:
             # Imported only when asked for: it needs Debian's rados binding.
@@ -79,13 +86,12 @@ def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
                                      os.path.join(state_dir, "ceph"))
             rbd = dict(started["ceph"].glance_rbd(), thin=rbd_thin,
                        default=rbd_default)
-        cloud = transport_url if with_cloud else None
-        _start_in_parallel(state_dir, rbd, started, cloud)
-        started["rabbit_cluster"] = cluster.result()
+        _start_in_parallel(state_dir, rbd, started)
+        concurrent.futures.wait(futures.values())
+        _collect(futures, started)
     except BaseException:
-        concurrent.futures.wait([cluster])
-        if cluster.exception() is None:
-            started["rabbit_cluster"] = cluster.result()
+        concurrent.futures.wait(futures.values())
+        _collect(futures, started, raise_first=False)
         _stop_all({name: h.to_dict() for name, h in started.items()})
         raise
     finally:
@@ -103,10 +109,8 @@ def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
     return state
 
 
-def _start_in_parallel(state_dir, rbd, started, cloud=None):
+def _start_in_parallel(state_dir, rbd, started):
     """Start both Glances and libvirtd at once, adding each to started.
-
-    cloud: the broker's URL to start the cloud on too (it takes longest).
 
     Every handle that did start is recorded before the first failure is
     re-raised, so the caller can stop it.
@@ -124,19 +128,25 @@ def _start_in_parallel(state_dir, rbd, started, cloud=None):
                           "unauthenticated"),
         "libvirtd": (libvirtd.start, state_dir),
     }
-    if cloud:
-        jobs["cloud"] = (importlib.import_module(_MODULES["cloud"]).start,
-                         os.path.join(state_dir, "cloud"), cloud)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_timed, name, *job)
                    for name, job in jobs.items()}
+    _collect(futures, started)
+
+
+def _collect(futures, started, raise_first=True):
+    """Add the handle of each finished start to started, then re-raise the
+    first failure (unless raise_first is false). Starts still running are
+    left out: a failure path waits for them first."""
     errors = []
     for name, future in futures.items():
+        if not future.done():
+            continue
         if future.exception() is None:
             started[name] = future.result()
         else:
             errors.append(future.exception())
-    if errors:
+    if errors and raise_first:
         raise errors[0]
 
 

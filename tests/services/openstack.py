@@ -33,6 +33,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ import urllib.request
 from tests import services
 from tests.services import glance as glance_service
 from tests.services import libvirtd as libvirtd_service
+from tests.services import mariadb
 from tests.services import worker as worker_service
 
 VENV = os.environ.get("CLOUD_VENV",
@@ -66,8 +68,10 @@ DRIVERS = {"snapworker": "snapworker.SnapworkerLibvirtDriver",
 #: nova-compute logs this once its RPC server listens.
 COMPUTE_READY_LINE = "Join ServiceGroup membership for this service compute"
 FLAVOR = "snapcloud.tiny"
-#: Seconds a Keystone token lives (keystoneauth re-auths below 120 left).
-TOKEN_LIFETIME = 135
+#: Seconds a Keystone token lives: the token tests wait this long. Not
+#: less: keystoneauth re-authenticates once under 120 s are left, so a
+#: client's first 10 s (most CLI commands whole) go without re-auth.
+TOKEN_LIFETIME = 130
 #: nova.conf [snapworker] accept_timeout, via the plugin's setting.
 ACCEPT_TIMEOUT = 30
 SERVICE_PASSWORD = "snapcloud-service"
@@ -75,6 +79,7 @@ ADMIN_PASSWORD = "snapcloud-admin"
 MEMBER = {"user": "demo", "password": "snapcloud-demo", "project": "demo"}
 SERVICE_USERS = ("nova", "glance", "placement", "neutron")
 LIBVIRT_URI = "qemu:///system"
+_KVM_GET_API_VERSION = 0xAE00
 
 # WSGI apps, each under its own uWSGI; the extra flags Glance needs are
 # the test Glance's own.
@@ -360,23 +365,6 @@ def _run_devstack_plugin(sd, nova_conf, urls, transport_url):
 
 # -- machine services
 
-def _mysql(sql):
-    subprocess.run(["mysql", "-u", "root", "-e", sql], check=True,
-                   capture_output=True, text=True)
-
-
-def _ensure_mariadb():
-    """MariaDB on 127.0.0.1:3306: installed and started when none answers."""
-    if services.port_open("127.0.0.1", 3306):
-        return
-    if not shutil.which("mysqld"):
-        _apt_install("mariadb-server")
-    subprocess.run(["/etc/init.d/mariadb", "start"], check=True,
-                   capture_output=True)
-    services.wait_until(lambda: services.port_open("127.0.0.1", 3306), 60,
-                        "MariaDB on 3306", "/var/log/mysql/error.log")
-
-
 def _apt_install(*packages):
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "install", "-y", "-q",
@@ -393,13 +381,14 @@ def _create_databases():
                 "CREATE DATABASE %s_%s CHARACTER SET utf8mb4" % (PREFIX, name),
                 "GRANT ALL ON %s_%s.* TO '%s'@'127.0.0.1'"
                 % (PREFIX, name, DB_USER)]
-    _mysql("; ".join(sql))
+    mariadb.run_sql("; ".join(sql))
 
 
 def _drop_databases():
-    _mysql("; ".join("DROP DATABASE IF EXISTS %s_%s" % (PREFIX, name)
-                     for name in DATABASES)
-           + "; DROP USER IF EXISTS '%s'@'127.0.0.1'" % DB_USER)
+    mariadb.run_sql(
+        "; ".join("DROP DATABASE IF EXISTS %s_%s" % (PREFIX, name)
+                  for name in DATABASES)
+        + "; DROP USER IF EXISTS '%s'@'127.0.0.1'" % DB_USER)
 
 
 def _rabbitmqctl(*args, check=True):
@@ -416,15 +405,18 @@ def _create_vhost(base_url):
 
 
 def _ensure_libvirtd():
-    """The root libvirtd with real QEMU; whether it was started here.
+    """The root libvirtd with real QEMU: (started here, /dev/kvm's mode).
 
     /dev/kvm ships root:root 0600 here and QEMU (user libvirt-qemu, group
-    kvm) fails on it; the mode found is returned to be put back.
+    kvm) fails on it; the mode found is returned to be put back, or None
+    when KVM is not used (no usable /dev/kvm, or SNAPWORKER_CLOUD_VIRT_TYPE
+    =qemu): guests then run under QEMU's software emulation (TCG).
     """
     if not os.path.exists("/usr/bin/qemu-system-x86_64"):
         _apt_install("qemu-system-x86", "libvirt-daemon-system")
     kvm_mode = None
-    if os.path.exists("/dev/kvm"):
+    if os.environ.get("SNAPWORKER_CLOUD_VIRT_TYPE", "kvm") == "kvm" and (
+            _kvm_usable()):
         st = os.stat("/dev/kvm")
         kvm_mode = [stat.S_IMODE(st.st_mode), st.st_gid]
         shutil.chown("/dev/kvm", group="kvm")
@@ -436,6 +428,21 @@ def _ensure_libvirtd():
     services.wait_until(_libvirt_answers, 30, "root libvirtd",
                         "/var/log/libvirt/libvirtd.log")
     return True, kvm_mode
+
+
+def _kvm_usable():
+    """/dev/kvm opens and answers KVM's API version (12): a device node
+    alone (e.g. in a container without the module) is not enough."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, _KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _libvirt_answers():
@@ -508,6 +515,13 @@ def get_token(identity_url, user, password, project, domain="Default"):
 def admin_token(d):
     return get_token(d["urls"]["identity"], "admin", ADMIN_PASSWORD,
                      "admin")[0]
+
+
+def token_valid(d, token):
+    """Whether Keystone still accepts token (an expired one is 404)."""
+    status = request("GET", d["urls"]["identity"] + "/auth/tokens",
+                     admin_token(d), headers={"X-Subject-Token": token})[0]
+    return status == 200
 
 
 def _make_catalog(urls):
@@ -623,7 +637,9 @@ def start(state_dir, base_transport_url):
     sd = os.path.abspath(state_dir)
     for sub in ("pids", "logs", "data"):
         os.makedirs(os.path.join(sd, sub), exist_ok=True)
-    # QEMU runs as libvirt-qemu and must reach the instances folder.
+    # QEMU runs as libvirt-qemu and must reach the instances folder: the
+    # caller's folder (a private temporary one, often) too.
+    libvirtd_service._make_traversable(os.path.dirname(sd))
     libvirtd_service._make_traversable(sd)
     ports = {name: services.free_port() for name in _APIS}
     base = "http://127.0.0.1:%d"
@@ -632,7 +648,7 @@ def start(state_dir, base_transport_url):
             "placement": base % ports["placement"],
             "compute": base % ports["nova-api"] + "/v2.1",
             "network": base % ports["neutron"]}
-    _ensure_mariadb()
+    mariadb.ensure_running()
     _create_databases()
     transport_url = _create_vhost(base_transport_url)
     started_libvirtd, kvm_mode = _ensure_libvirtd()

@@ -54,7 +54,10 @@ def _node_env(state_dir, node):
     )
 
 
-def _ctl(state_dir, node, *args, timeout=60):
+def _ctl(state_dir, node, *args, timeout=180):
+    """rabbitmqctl on one node. The bound is generous: each call boots an
+    Erlang VM, and with the cloud starting beside it on a loaded 2-core
+    machine a stop_app was seen to need more than 60 s."""
     proc = subprocess.run(
         [os.path.join(RABBITMQ_BIN, 'rabbitmqctl'), '-n', node['name'],
          *args], env=_node_env(state_dir, node), capture_output=True,

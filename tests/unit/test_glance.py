@@ -49,6 +49,15 @@ class ContextAuthTestCase(testtools.TestCase):
         self.assertEqual('service',
                          auth.get_headers(None)['X-Service-Roles'])
 
+    def test_one_service_auth_plugin_for_every_job(self):
+        self.addCleanup(glance._SERVICE_AUTH.clear)
+        self.assertIsNone(glance._service_auth(CONF))
+        self.conf.config(send_service_user_token=True, group='service_user')
+        self.conf.config(auth_type='password', group='service_user')
+        first = glance._service_auth(CONF)
+        self.assertIsNotNone(first)
+        self.assertIs(first, glance._service_auth(CONF))
+
     def test_endpoint_comes_from_the_callers_catalog(self):
         self.context.service_catalog = [
             {'type': 'compute', 'endpoints': [
