@@ -885,7 +885,9 @@ def _stop_root_libvirtd():
         except ProcessLookupError:
             continue
         deadline = time.monotonic() + 15
-        while os.path.exists("/proc/%d" % pid):
+        # A daemon's exit leaves a zombie when nothing reaps orphans (a
+        # container's init): gone is "no live process in its group".
+        while services._group_members(pid):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 break

@@ -1,8 +1,9 @@
 """Snapshots taken through a real OpenStack, as its users take them.
 
 One class: the tests restart the cloud's worker and change its
-configuration, so they must not run in parallel with each other (the
-test runner's group_regex keeps a class in one process).
+configuration, so they must not run in parallel with each other.
+tools/run-tests gives them one stestr worker of their own
+(tools/stestr-workers.yaml) while the rest of the suite runs in the other.
 """
 
 import configparser
