@@ -23,6 +23,7 @@ from oslo_utils import versionutils
 from snapworker import exception
 from snapworker import glance
 from snapworker import hypervisor
+from snapworker import identity
 from snapworker import journal
 from snapworker import rpcapi
 from snapworker.conf import CONF
@@ -92,13 +93,9 @@ def _glance_context(conf):
             f'[service_user] could not authenticate to Keystone ({e}): '
             f'check its auth_type, auth_url, username, password and '
             f'project options.')
-    context = o_context.RequestContext(
-        auth_token=access.auth_token, user_id=access.user_id,
-        project_id=access.project_id, roles=access.role_names)
     # The worker finds Glance in the catalog its requests carry; the
     # service user's own catalog stands in for it here.
-    context.service_catalog = access.service_catalog.catalog
-    return context, None
+    return identity.context_from_access(access), None
 
 
 def _named_stores(conf):

@@ -6,7 +6,7 @@ Credentials come from ``clouds.yaml`` (``--os-cloud`` / ``OS_CLOUD``), the
 keystoneauth1's argparse options. The session they give authenticates
 once; the request context the worker receives is that session's: its
 token, user, project, roles and the Image service entry of its catalog
-(``context_from_access``). Glance is reached through the same session.
+(``identity.context_from_access``). Glance is reached through the same session.
 
 ``--os-auth-type none`` (or ``noauth``) is the only other way, for a
 development Glance without Keystone (``[glance] auth_strategy = noauth``
@@ -24,14 +24,10 @@ from keystoneauth1 import exceptions as ks_exc
 from oslo_context import context as o_context
 
 from snapworker import glance
+from snapworker import identity
 
 #: ``--os-auth-type`` values that mean "no Keystone".
 NOAUTH_TYPES = ('none', 'noauth')
-
-#: Catalog entries the worker may need: it finds Glance in the catalog it
-#: receives when ``[glance] endpoint_override`` is unset. Nothing else of
-#: the user's catalog is sent.
-FORWARDED_SERVICE_TYPES = ('image',)
 
 
 class CredentialsError(Exception):
@@ -94,7 +90,7 @@ def load(config, args, conf):
         access = session.auth.get_access(session)
     except (ks_exc.ClientException, _sdk_errors()) as e:
         raise CredentialsError(f'Cannot authenticate: {e}') from e
-    context = context_from_access(access)
+    context = identity.context_from_access(access)
     images = glance.ImageService(conf, context, session=session, adapter={
         'interface': cloud.get_interface('image'),
         'region_name': cloud.get_region_name('image'),
@@ -105,29 +101,6 @@ def load(config, args, conf):
 def _sdk_errors():
     import openstack.exceptions
     return openstack.exceptions.SDKException
-
-
-def context_from_access(access):
-    """The request context of a keystoneauth ``AccessInfo``.
-
-    As keystonemiddleware would describe the same token to a service:
-    token, user, project, domains, role names; plus the Image service of
-    the token's catalog (v3 format), which the worker uses to find Glance
-    when its own configuration names no endpoint.
-    """
-    catalog = [service for service in
-               (access.service_catalog.catalog or [])
-               if service.get('type') in FORWARDED_SERVICE_TYPES]
-    context = o_context.RequestContext(
-        auth_token=access.auth_token,
-        user_id=access.user_id, project_id=access.project_id,
-        user_domain_id=access.user_domain_id,
-        project_domain_id=access.project_domain_id,
-        user_name=access.username, project_name=access.project_name,
-        roles=list(access.role_names or ()),
-        is_admin='admin' in (access.role_names or ()))
-    context.service_catalog = catalog
-    return context
 
 
 def _noauth(args, conf):

@@ -8,6 +8,7 @@ from keystoneauth1 import access
 from keystoneauth1 import fixture as ks_fixture
 from oslo_config import fixture as config_fixture
 
+from snapworker import identity
 from snapworker import rpc
 from snapworker.cmd import credentials
 from snapworker.conf import CONF
@@ -30,24 +31,24 @@ def _access(roles=('member', 'reader')):
 class ContextFromAccessTest(testtools.TestCase):
 
     def test_token_identity_and_roles_are_the_sessions(self):
-        ctx = credentials.context_from_access(_access())
+        ctx = identity.context_from_access(_access())
         self.assertEqual(('the-token', 'u1', 'p1', ['member', 'reader'],
                           'alice', 'demo', False),
                          (ctx.auth_token, ctx.user_id, ctx.project_id,
                           ctx.roles, ctx.user_name, ctx.project_name,
                           ctx.is_admin))
-        self.assertTrue(credentials.context_from_access(
+        self.assertTrue(identity.context_from_access(
             _access(roles=('admin',))).is_admin)
 
     def test_only_the_image_service_of_the_catalog_goes_along(self):
-        ctx = credentials.context_from_access(_access())
+        ctx = identity.context_from_access(_access())
         self.assertEqual(['image'],
                          [s['type'] for s in ctx.service_catalog])
 
     def test_the_worker_receives_it_over_rpc(self):
         # What the worker's end of the serializer rebuilds from the wire.
         serializer = rpc.RequestContextSerializer()
-        sent = credentials.context_from_access(_access())
+        sent = identity.context_from_access(_access())
         received = serializer.deserialize_context(
             serializer.serialize_context(sent))
         self.assertEqual(('the-token', 'u1', 'p1', ['member', 'reader']),
