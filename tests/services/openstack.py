@@ -79,6 +79,9 @@ ADMIN_PASSWORD = "snapcloud-admin"
 MEMBER = {"user": "demo", "password": "snapcloud-demo", "project": "demo"}
 SERVICE_USERS = ("nova", "glance", "placement", "neutron")
 LIBVIRT_URI = "qemu:///system"
+#: One cloud per machine: its databases, vhost and guest names and the
+#: root libvirtd are machine-wide. This file names the running one.
+LOCK_PATH = "/run/snapcloud.lock"
 _KVM_GET_API_VERSION = 0xAE00
 
 # WSGI apps, each under its own uWSGI; the extra flags Glance needs are
@@ -629,7 +632,8 @@ def _parallel(jobs):
 def start(state_dir, base_transport_url):
     """Bring the whole cloud up under state_dir; return a CloudService.
 
-    On failure everything started so far is stopped again.
+    One cloud per machine: while another runs, this waits for it to stop
+    (``_lock``). On failure everything started so far is stopped again.
     """
     if not os.path.exists(BIN + "/nova-compute"):
         raise services.ServiceError("no OpenStack in %s: run "
@@ -637,6 +641,16 @@ def start(state_dir, base_transport_url):
     sd = os.path.abspath(state_dir)
     for sub in ("pids", "logs", "data"):
         os.makedirs(os.path.join(sd, sub), exist_ok=True)
+    _lock(sd)
+    try:
+        return _start(sd, base_transport_url)
+    except BaseException:
+        _unlock(sd)
+        raise
+
+
+def _start(sd, base_transport_url):
+    """start() once the machine is this cloud's."""
     # QEMU runs as libvirt-qemu and must reach the instances folder: the
     # caller's folder (a private temporary one, often) too.
     libvirtd_service._make_traversable(os.path.dirname(sd))
@@ -670,6 +684,80 @@ def start(state_dir, base_transport_url):
         stop_from_dict(svc.to_dict())
         raise
     return svc
+
+
+def _lock(sd, timeout=1800, interval=5):
+    """Make this the machine's only cloud, waiting for another to stop.
+
+    Another cloud would drop this one's databases and destroy its guests
+    (two test runs, or a run and tools/run-cloud-demo). The lock must
+    outlive the starting process (``tests.services up`` exits, the cloud
+    stays), so it is a file naming its owner; one whose starter and
+    processes are all gone (a killed run's) is taken over.
+    """
+    deadline = time.monotonic() + timeout
+    waiting = False
+    while True:
+        try:
+            fd = os.open(LOCK_PATH, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o644)
+        except FileExistsError:
+            owner = _lock_owner()
+            if owner is not None and not _owner_alive(owner):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(LOCK_PATH)
+                continue
+            if time.monotonic() > deadline:
+                raise services.ServiceError(
+                    "another one-machine cloud runs (%s): stop it first"
+                    % (owner or LOCK_PATH)) from None
+            if not waiting:
+                waiting = True
+                print("  waiting for another cloud to stop: %s" % owner,
+                      flush=True)
+            time.sleep(interval)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"state_dir": sd, "pid": os.getpid()}, f)
+        return
+
+
+def _lock_owner():
+    """The lock's content, None when it cannot be read (just made)."""
+    try:
+        with open(LOCK_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_alive(owner):
+    """The starter of the owning cloud, or one of its processes, lives."""
+    pids = [owner.get("pid")]
+    pid_dir = os.path.join(owner.get("state_dir", "/nonexistent"), "pids")
+    with contextlib.suppress(OSError):
+        pids += [pid_of({"state_dir": owner["state_dir"]}, name)
+                 for name in os.listdir(pid_dir)]
+    return any(pid is not None and (_alive(pid)
+                                    or services._group_members(pid))
+               for pid in pids)
+
+
+def _alive(pid):
+    """pid is a live (not zombie) process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, TypeError):
+        return False
+
+
+def _unlock(sd):
+    """Remove the lock if it is this cloud's."""
+    owner = _lock_owner()
+    if owner is not None and owner.get("state_dir") == sd:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK_PATH)
 
 
 def _save(svc):
@@ -869,6 +957,7 @@ def stop_from_dict(d):
             step()
         except Exception as exc:
             failures.append(str(exc))
+    _unlock(d["state_dir"])
     if failures:
         raise services.ServiceError("cloud stop: %s" % "; ".join(failures))
 

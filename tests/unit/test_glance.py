@@ -1,5 +1,7 @@
 """How the worker authenticates to Glance as the requesting user."""
 
+from unittest import mock
+
 import testtools
 from oslo_config import fixture as config_fixture
 from oslo_context import context as o_context
@@ -53,10 +55,12 @@ class ContextAuthTestCase(testtools.TestCase):
         self.addCleanup(glance._SERVICE_AUTH.clear)
         self.assertIsNone(glance._service_auth(CONF))
         self.conf.config(send_service_user_token=True, group='service_user')
-        self.conf.config(auth_type='password', group='service_user')
-        first = glance._service_auth(CONF)
-        self.assertIsNotNone(first)
-        self.assertIs(first, glance._service_auth(CONF))
+        with mock.patch.object(glance.ks_loading,
+                               'load_auth_from_conf_options') as load:
+            first = glance._service_auth(CONF)
+            self.assertIs(first, glance._service_auth(CONF))
+        self.assertIs(load.return_value, first)
+        load.assert_called_once_with(CONF, 'service_user')
 
     def test_endpoint_comes_from_the_callers_catalog(self):
         self.context.service_catalog = [
