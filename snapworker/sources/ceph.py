@@ -13,6 +13,7 @@ and the Ceph half of a background flatten (``flatten_clone``).
 """
 
 import dataclasses
+import time
 import urllib.parse
 
 import rados
@@ -228,7 +229,8 @@ def remove_leftover(conf, kind, ref):
             if target.snapshot:
                 remove_snapshot(ioctx, target.image, target.snapshot)
             else:
-                remove_image(ioctx, target.image)
+                break_stale_lock(ioctx, target.image)
+                _remove_when_unwatched(ioctx, target.image)
     except rados.ObjectNotFound:
         LOG.info('Pool %s is gone, and %s with it', target.pool, ref)
     except (rados.Error, rbd.Error) as e:
@@ -236,6 +238,38 @@ def remove_leftover(conf, kind, ref):
                                  reason=str(e)) from e
     finally:
         conn.shutdown()
+
+
+def break_stale_lock(ioctx, name):
+    """Break the exclusive lock a killed worker still holds on ``name``.
+
+    The direct plan writes with the lock held; after a SIGKILL the dead
+    client's lock and watch stay (until the OSDs time the watch out) and
+    keep the image from being removed. Breaking the lock blocklists that
+    client (librbd's ``rbd_blocklist_on_break_lock``), which ends its
+    watch too. Only called by recovery, for an image named by a journal
+    record of this worker.
+    """
+    try:
+        with rbd.Image(ioctx, name) as image:
+            for owner in list(image.lock_get_owners()):
+                LOG.info('Breaking the stale lock of %s held by %s', name,
+                         owner['owner'])
+                image.lock_break(owner['mode'], owner['owner'])
+    except rbd.ImageNotFound:
+        pass
+
+
+def _remove_when_unwatched(ioctx, name, timeout=60):
+    """``remove_image``, retried while a (dead) client still watches it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return remove_image(ioctx, name)
+        except (rbd.ImageBusy, rbd.ImageHasSnapshots):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def flatten_clone(conf, clone, snapshot):

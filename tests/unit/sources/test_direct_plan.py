@@ -353,12 +353,14 @@ class LeftoverTestCase(testtools.TestCase):
 
     def test_a_journalled_image_is_removed_with_its_snapshot(self):
         with mock.patch.object(ceph, 'connect') as connect, \
+                mock.patch.object(ceph, 'break_stale_lock') as unlock, \
                 mock.patch.object(ceph, 'remove_image') as remove:
             from snapworker import sources
             sources.remove_leftover(CONF, base.RBD_IMAGE,
                                     f'images/{IMAGE_ID}')
             self.assertRaises(ValueError, sources.remove_leftover, CONF,
                               base.RBD_IMAGE, 'images/not-an-image-id')
-        remove.assert_called_once_with(
-            connect.return_value.open_ioctx.return_value.__enter__
-            .return_value, IMAGE_ID)
+        ioctx = connect.return_value.open_ioctx.return_value.__enter__()
+        # A killed worker's exclusive lock is broken first.
+        unlock.assert_called_once_with(ioctx, IMAGE_ID)
+        remove.assert_called_once_with(ioctx, IMAGE_ID)
