@@ -18,6 +18,7 @@ disk never changes under the tests' comparisons.
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -273,6 +274,7 @@ class CloudTestCase(testtools.TestCase):
     def tearDownClass(cls):
         if getattr(cls, "image_id", None):
             cls.cli("image", "delete", cls.image_id, json_out=False)
+        shutil.rmtree(cls.workdir, ignore_errors=True)
         super().tearDownClass()
 
     def setUp(self):
