@@ -86,8 +86,8 @@ class NbdChainView(DiskView):
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self._handle = None
-        #: ``request_size`` buffers not in flight (see ``_issue``).
-        self._free = []
+        #: Buffers not in flight, by size (see ``_issue``).
+        self._free = {}
         handle = nbd.NBD()
         try:
             handle.add_meta_context(ALLOCATION)
@@ -184,48 +184,57 @@ class NbdChainView(DiskView):
             # Outstanding replies are drained before the handle is reused
             # (or dropped by close()).
             for _offset, _length, parts in window:
-                for buf, cookie in parts:
-                    if buf is None:
-                        continue
+                for buf, cookie, _skip, _size in parts:
                     try:
                         self._complete('read', cookie)
                     except (nbd.Error, TimeoutError):
                         break
-                    self._free.append(buf)
+                    self._free[len(buf)].append(buf)
 
     def _issue(self, offset, length):
-        """Start the reads of one request: full-size pieces in flight in
-        pooled buffers, a shorter tail read when its turn comes.
+        """Start the reads of one request, every piece in flight.
 
         libnbd 1.14's Python binding keeps a reference to every buffer
-        given to ``aio_pread`` for good (measured: reading 512 MiB with a
-        new ``nbd.Buffer`` per read left the process 512 MiB bigger), so
-        buffers are reused from a pool of ``request_size`` ones, which is
-        bounded by the reads in flight; a piece of any other size (the
-        end of an extent) is read synchronously (``pread`` returns bytes
-        and keeps nothing).
+        given to ``aio_pread`` for good, with or without a completion
+        callback (measured: reading 256 MiB with a new ``nbd.Buffer`` per
+        read left the process 256 MiB bigger), so buffers are never
+        dropped: they come from pools, one per power-of-two size up to
+        ``request_size``, each bounded by the reads in flight. A piece
+        shorter than ``request_size`` (the end of an extent) is read as
+        the smallest pooled size that holds it, from a window of the disk
+        that contains it (less than twice the piece, never past the end
+        of the disk), so that it too is bounded by the stall timeout; a
+        synchronous ``pread`` would wait for ever on a stuck qemu-nbd.
         """
         parts = []
         for pos in range(offset, offset + length, self.request_size):
             size = min(self.request_size, offset + length - pos)
-            if size != self.request_size:
-                parts.append((None, (pos, size)))
-                continue
-            buf = self._free.pop() if self._free else nbd.Buffer(size)
-            parts.append((buf, self._handle.aio_pread(buf, pos)))
+            buf_size = self._pool_size(size)
+            start = min(pos, self._size - buf_size)
+            pool = self._free.setdefault(buf_size, [])
+            buf = pool.pop() if pool else nbd.Buffer(buf_size)
+            parts.append((buf, self._handle.aio_pread(buf, start),
+                          pos - start, size))
         return offset, length, parts
+
+    def _pool_size(self, size):
+        """The pooled buffer size for a piece of ``size`` bytes."""
+        if size == self.request_size:
+            return size
+        pooled = min(1 << (size - 1).bit_length(), self.request_size)
+        # A disk smaller than the window: the exact size, not pooled
+        # beyond the few such reads a tiny disk has.
+        return pooled if pooled <= self._size else size
 
     def _collect_read(self, part):
         """The bytes of one piece ``_issue`` started; its buffer back to
-        the pool."""
-        buf, cookie = part
-        if buf is None:
-            pos, size = cookie
-            return self._handle.pread(size, pos)
+        its pool."""
+        buf, cookie, skip, size = part
         self._complete('read', cookie)
         data = buf.to_bytearray()
-        self._free.append(buf)
-        return data
+        self._free[len(buf)].append(buf)
+        return data if skip == 0 and len(data) == size else (
+            data[skip:skip + size])
 
     def _complete(self, what, cookie):
         """Wait for one command; ``nbd.Error`` if the server failed it."""
