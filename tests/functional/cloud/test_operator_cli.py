@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 
+import fixtures
+
 from tests.functional.cloud import base
 from tests.services import openstack
 
@@ -69,14 +71,23 @@ class OperatorCliCloudTest(base.CloudTestCase):
         self.assertTrue(same, out)
 
     def test_wrong_password_is_a_credentials_error(self):
-        env = dict(os.environ, OS_CLIENT_CONFIG_FILE=self.cloud["clouds_yaml"])
+        with open(self.cloud["clouds_yaml"]) as f:
+            clouds = json.load(f)
+        member = clouds["clouds"][openstack.PREFIX]
+        member["auth"]["password"] = "wrong"
+        path = os.path.join(self.useFixture(
+            fixtures.TempDir()).path, "clouds.yaml")
+        with open(path, "w") as f:
+            json.dump({"clouds": {"wrong": member}}, f)
+        env = dict(os.environ, OS_CLIENT_CONFIG_FILE=path)
         env.pop("OS_CLOUD", None)
         proc = subprocess.run(
             [CLI, "--config-file", self.cloud["worker_conf"],
-             "--os-cloud", openstack.PREFIX, "--os-password", "wrong",
-             "plan", "00000000-0000-0000-0000-000000000000",
-             "--host", self.host()],
+             "--os-cloud", "wrong", "plan",
+             "00000000-0000-0000-0000-000000000000", "--host", self.host()],
             env=env, capture_output=True, text=True, timeout=120)
-        # Exit status 4: credentials or Glance (see snapworker --help).
-        self.assertEqual(4, proc.returncode, proc.stderr)
+        # Exit status 4: credentials or Glance (see snapworker --help);
+        # nothing was asked of the worker.
+        self.assertEqual((4, ""), (proc.returncode, proc.stdout),
+                         proc.stderr)
         self.assertIn("401", proc.stderr)
