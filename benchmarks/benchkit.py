@@ -275,22 +275,6 @@ def loadavg():
 
 # -- page cache ---------------------------------------------------------------
 
-def drop_cache(paths):
-    """Write back dirty pages, then empty the page cache; return how."""
-    os.sync()
-    try:
-        with open('/proc/sys/vm/drop_caches', 'w') as f:
-            f.write('1\n')
-        return 'drop_caches'
-    except OSError:
-        for path in paths:
-            if os.path.exists(path):
-                fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-        return 'fadvise'
-
-
 def cached_bytes(paths):
     """Bytes of ``paths`` in the page cache now (``fincore``)."""
     total = 0

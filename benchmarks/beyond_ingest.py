@@ -69,6 +69,7 @@ sys.path.insert(0, REPO)
 
 import benchkit  # noqa: E402  (this folder is sys.path[0])
 import snapshot_vs_nova as svn  # noqa: E402
+from pagecache import drop_cache  # noqa: E402
 
 MiB = benchkit.MiB
 GiB = benchkit.GiB
@@ -148,7 +149,7 @@ def ingest(ctx, label, disk, methods):
     for method in methods:
         image_id = ctx['images'].create(f'{label}-{method}',
                                         disk.instance_uuid)
-        benchkit.drop_cache(disk.files)
+        drop_cache(disk.files)
         try:
             if method == 'nova':
                 r = _nova(ctx, disk, image_id)
@@ -241,7 +242,7 @@ def stream_vs_nbdcopy(disk):
     rows = []
     sink = subprocess.Popen(['sh', '-c', 'cat > /dev/null'],
                             stdin=subprocess.PIPE)
-    benchkit.drop_cache(disk.files)
+    drop_cache(disk.files)
     began = time.monotonic()
     view = nbd.NbdChainView(nbd.qemu_nbd_argv(disk.path, 'qcow2'))
     with benchkit.PeakSampler(lambda: benchkit.peak_rss(os.getpid())) as rss:
@@ -262,7 +263,7 @@ def stream_vs_nbdcopy(disk):
                     bytes_read=view.bytes_read, bytes_written=0,
                     scratch_bytes=0, peak_rss_bytes=rss.peak,
                     rate_mib_s=round(size / seconds / MiB, 1)))
-    benchkit.drop_cache(disk.files)
+    drop_cache(disk.files)
     began = time.monotonic()
     proc = subprocess.run(
         ['sh', '-c', f'nbdcopy -- [ qemu-nbd -r -f qcow2 {disk.path} ] - '
