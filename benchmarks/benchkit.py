@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -266,6 +267,18 @@ def tree_allocated(top):
             except OSError:
                 pass
     return total
+
+
+def host():
+    """The machine the numbers were measured on: CPUs, memory, kernel."""
+    with open('/proc/cpuinfo') as f:
+        model = next((line.split(':', 1)[1].strip() for line in f
+                      if line.startswith('model name')), 'unknown')
+    with open('/proc/meminfo') as f:
+        mem_kib = int(f.readline().split()[1])
+    return {'cpus': os.cpu_count(), 'cpu_model': model,
+            'memory_gib': round(mem_kib / 1024 / 1024, 1),
+            'kernel': platform.release()}
 
 
 def loadavg():

@@ -56,7 +56,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -334,14 +333,7 @@ def held(ctx, state, work):
 # -- main ---------------------------------------------------------------------
 
 def machine():
-    with open('/proc/cpuinfo') as f:
-        model = next((line.split(':', 1)[1].strip() for line in f
-                      if line.startswith('model name')), 'unknown')
-    with open('/proc/meminfo') as f:
-        mem_kib = int(f.readline().split()[1])
-    return {'cpus': os.cpu_count(), 'cpu_model': model,
-            'memory_gib': round(mem_kib / 1024 / 1024, 1),
-            'kernel': platform.release(),
+    return {**benchkit.host(),
             'ceph_osd': 'memstore (RAM), 1 OSD, pool size 1',
             'glance': 'uWSGI, 1 process, unauthenticated pipeline, rbd '
                       'default store, rbd_thin_provisioning = True'}

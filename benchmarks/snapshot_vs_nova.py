@@ -46,7 +46,6 @@ import dataclasses
 import glob
 import json
 import os
-import platform
 import select
 import shutil
 import signal
@@ -790,19 +789,12 @@ def summary_table(cases):
 
 def machine():
     """What the numbers were measured on."""
-    with open('/proc/cpuinfo') as f:
-        model = next((line.split(':', 1)[1].strip() for line in f
-                      if line.startswith('model name')), 'unknown')
-    with open('/proc/meminfo') as f:
-        mem_kib = int(f.readline().split()[1])
     qemu = subprocess.run(['qemu-img', '--version'], capture_output=True,
                           text=True).stdout.splitlines()[0]
     glance = glob.glob(os.path.join(
         REPO, '.venv-glance/lib/python*/site-packages/glance-*.dist-info'))
     from importlib import metadata
-    return {'cpus': os.cpu_count(), 'cpu_model': model,
-            'memory_gib': round(mem_kib / 1024 / 1024, 1),
-            'kernel': platform.release(), 'qemu_img': qemu,
+    return {**benchkit.host(), 'qemu_img': qemu,
             'nova': metadata.version('nova'),
             'glance': os.path.basename(glance[0]) if glance else None,
             'glance_setup': 'uWSGI, 1 process, unauthenticated pipeline, '
