@@ -52,7 +52,7 @@ Prints a table and a JSON document.
 """
 
 import argparse
-import functools
+import glob
 import json
 import os
 import shutil
@@ -61,31 +61,33 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
 import libvirt  # noqa: E402
+import rados  # noqa: E402
 import rbd  # noqa: E402
 from oslo_context import context as o_context  # noqa: E402
 
+from benchmarks import benchkit  # noqa: E402
 from snapworker import events  # noqa: E402
 from snapworker import rpc  # noqa: E402
 from snapworker import rpcapi  # noqa: E402
 from snapworker.conf import CONF  # noqa: E402
-from tests.functional import base as fbase  # noqa: E402
-from tests.functional import rbd_helpers  # noqa: E402
-from tests.services import __main__ as services_main  # noqa: E402
-from tests.services import ceph  # noqa: E402
-from tests.services import glance as glance_service  # noqa: E402
+from snapworker.sources import ceph as sw_ceph  # noqa: E402
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
+MiB = benchkit.MiB
+GiB = benchkit.GiB
 METHODS = ('worker/background', 'worker/sync', 'worker/never', 'nova')
+OBJECTSTORES = ('memstore', 'bluestore')
+#: The project owning the images and the request (the unauthenticated
+#: Glance takes the owner the client names; the worker claims only an
+#: image its requester's project owns).
+PROJECT_ID = '6f1e9a3c0b7d4e2a9c5b8d1f0e3a7c24'
+USER_ID = '0c2b5f1d8e9a4c7b9e3d6a2f1b8c5e70'
 #: How long to wait for the cluster to drop a run's objects.
 SETTLE_TIMEOUT = 120.0
 #: Objects a run may leave for good: RBD metadata (directory, children,
@@ -138,25 +140,21 @@ def store_sizing(objectstore, sizes, fills):
     return wanted, ''
 
 
-class UsageSampler:
-    """Peak of the OSD's used bytes over a run, above where it began.
+class OsdUsage:
+    """The OSD's used bytes; the peak over a run shows what a flatten
+    costs in space (and whether the store is sized right).
 
-    Shows what a flatten costs in space (and whether the store is sized
-    right). BlueStore: ``bluestore_allocated`` from the OSD's admin socket,
-    exact and live, every 0.1 s. Memstore has no such counter; the
-    cluster stats stand in, but they reach the mon through the OSD's
-    heartbeat and the mgr (seconds late), so short runs read low there.
+    BlueStore: ``bluestore_allocated`` from the OSD's admin socket, exact
+    and live. Memstore has no such counter; the cluster stats stand in,
+    but they reach the mon through the OSD's heartbeat and the mgr
+    (seconds late), so short runs read low there.
     """
 
     def __init__(self, conn, asok):
         self._conn = conn
         self._asok = asok
-        self._stop = threading.Event()
-        self._base = self._used()
-        self.peak = 0
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _used(self):
+    def used(self):
         if self._asok:
             return _asok_command(self._asok, {
                 'prefix': 'perf dump', 'logger': 'bluestore',
@@ -164,19 +162,25 @@ class UsageSampler:
                     'bluestore']['bluestore_allocated']
         return self._conn.get_cluster_stats()['kb_used'] * 1024
 
-    def _loop(self):
-        while True:
-            self.peak = max(self.peak, self._used() - self._base)
-            if self._stop.wait(0.1):
+    def peak_above_now(self):
+        """A ``PeakSampler`` of the bytes used above what is used now."""
+        base = self.used()
+        return benchkit.PeakSampler(lambda: self.used() - base, interval=0.1)
+
+
+def remove_rbd(ioctx, name, timeout=10):
+    """Remove an image and its snapshots, retried while it is busy (a
+    client that just closed it may still hold its watch for a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sw_ceph.remove_image(ioctx, name)
+            return
+        except (rbd.ImageBusy, rbd.ImageHasSnapshots):
+            if time.monotonic() > deadline:
+                benchkit.log(f'could not remove {name}: still busy')
                 return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+            time.sleep(0.2)
 
 
 def _asok_command(path, cmd):
@@ -204,30 +208,31 @@ class Bench:
     def __init__(self, services, workdir):
         self.services = services
         self.workdir = workdir
-        self.cluster = ceph.CephCluster.from_dict(services['ceph'])
-        self.conn = self.cluster.connect(admin=True)
+        ceph = services['ceph']
+        self.fsid = ceph['fsid']
+        self.conn = rados.Rados(conffile=ceph['conf_path'], rados_id='admin',
+                                conf={'client_mount_timeout': '10'})
+        self.conn.connect()
         self.vms = self.conn.open_ioctx('vms')
         self.images = self.conn.open_ioctx('images')
-        self.glance = glance_service.GlanceService(
-            url=services['glance_url'], state_dir='', log_path='', pid=0,
-            pipeline='trusted-headers').client()
+        self.glance = benchkit.glance_client(services['glance_noauth_url'])
         self.libvirt = libvirt.open(services['libvirt_uri'])
         self.api = rpcapi.SnapworkerAPI(rpc.get_transport(CONF),
                                         topic=CONF.worker.topic)
         self.context = o_context.RequestContext(
-            user_id=glance_service.IDENTITY_HEADERS['X-User-Id'],
-            project_id=glance_service.IDENTITY_HEADERS['X-Project-Id'],
+            user_id=USER_ID, project_id=PROJECT_ID,
             roles=['admin', 'member', 'reader'], auth_token='unused')
         self.workers = {}
         self.default_features = int(self.conn.conf_get(
             'rbd_default_features'))
         self._trim_at_once()
-        # tests/services/ceph.py's ``run dir``; BlueStore only (see
-        # UsageSampler).
-        self.osd_asok = None
-        if services['ceph'].get('objectstore') == 'bluestore':
-            self.osd_asok = os.path.join(
-                self.cluster.state_dir, 'run', f'ceph-osd.{ceph.OSD_ID}.asok')
+        # BlueStore only (see OsdUsage): the OSD's admin socket in the
+        # cluster's run dir.
+        asok = None
+        if ceph.get('objectstore') == 'bluestore':
+            asok, = glob.glob(os.path.join(ceph['state_dir'], 'run',
+                                           'ceph-osd.*.asok'))
+        self.usage = OsdUsage(self.conn, asok)
 
     def _trim_at_once(self):
         """Let the OSD trim removed snapshots without pausing.
@@ -246,19 +251,30 @@ class Bench:
             raise RuntimeError(f'config set osd_snap_trim_sleep_hdd: {err}')
 
     def worker(self, policy):
+        """One worker per flatten policy, started on first use."""
         if policy not in self.workers:
+            host = f'bench-{policy}'
+            top = os.path.join(self.workdir, host)
+            scratch = os.path.join(top, 'scratch')
             instances = os.path.join(self.workdir, 'instances')
-            os.makedirs(instances, exist_ok=True)
-            w = fbase.WorkerProcess(self.services, self.workdir, instances,
-                                    **{'rbd.flatten': policy,
-                                       'worker.active_timeout': '900'})
-            w.setUp()
-            self.workers[policy] = w
+            for path in (scratch, instances):
+                os.makedirs(path, exist_ok=True)
+            conf = os.path.join(top, 'worker.conf')
+            benchkit.write_worker_config(
+                conf, host=host, state=self.services,
+                instances_path=instances, scratch_dir=scratch,
+                glance_url=self.services['glance_noauth_url'],
+                extra={'rbd.flatten': policy,
+                       'worker.active_timeout': '900'})
+            worker = benchkit.WorkerProcess(
+                conf, os.path.join(top, 'worker.log')).start()
+            worker.host = host
+            self.workers[policy] = worker
         return self.workers[policy]
 
     def close(self):
         for w in self.workers.values():
-            w.cleanUp()
+            w.stop()
         self.libvirt.close()
         self.vms.close()
         self.images.close()
@@ -267,7 +283,7 @@ class Bench:
     def run(self, method, disk):
         """One measured run, then everything it made removed."""
         load = os.getloadavg()[0]
-        with UsageSampler(self.conn, self.osd_asok) as usage:
+        with self.usage.peak_above_now() as usage:
             if method == 'nova':
                 result = self.run_nova(disk)
             else:
@@ -293,7 +309,8 @@ class Bench:
     def run_worker(self, name, policy):
         w = self.worker(policy)
         instance, dom = self._domain(name)
-        image_id = self.glance.images.create(name='bench')['id']
+        image_id = self.glance.images.create(name='bench',
+                                             owner=PROJECT_ID)['id']
         try:
             with events.Subscription(CONF, image_id=image_id) as sub:
                 t0 = time.monotonic()
@@ -306,7 +323,7 @@ class Bench:
             active = time.monotonic() - t0
             end = received[-1]
             if end.event_type != 'snapshot.create.end':
-                raise RuntimeError(f'{end.payload}\n{w.log_tail()}')
+                raise RuntimeError(f'{end.payload}; see {w.log_path}')
             if end.payload['strategy'] != 'clone':
                 raise RuntimeError(f"not a clone: {end.payload}")
             independent = active
@@ -338,8 +355,8 @@ class Bench:
     def run_nova(self, name):
         """nova.storage.rbd_utils direct_snapshot + cleanup, re-typed."""
         image_id = self.glance.images.create(
-            name='bench-nova', disk_format='raw',
-            container_format='bare')['id']
+            name='bench-nova', disk_format='raw', container_format='bare',
+            owner=PROJECT_ID)['id']
         snap = uuid.uuid4().hex
         try:
             t0 = time.monotonic()
@@ -355,7 +372,7 @@ class Bench:
                 clone.create_snap('snap')
                 clone.protect_snap('snap')
             self.glance.images.add_location(
-                image_id, f'rbd://{self.cluster.fsid}/images/{image_id}/snap',
+                image_id, f'rbd://{self.fsid}/images/{image_id}/snap',
                 {})
             with rbd.Image(self.vms, name) as image:
                 image.unprotect_snap(snap)
@@ -378,7 +395,7 @@ class Bench:
         found = []
         for name in rbd.RBD().list(self.images):
             found.append(f'images/{name}')
-            rbd_helpers.remove_rbd(self.images, name)
+            remove_rbd(self.images, name)
         for pool, ioctx in (('vms', self.vms), ('images', self.images)):
             for entry in list(rbd.RBD().trash_list(ioctx)):
                 found.append(f'{pool} trash {entry["name"]}')
@@ -452,6 +469,48 @@ def report(results, sizes):
                   f"{b['held'] / a['held']:.2f} |")
 
 
+def measure_size(bench, args, size, fill, methods):
+    """Every method on one disk of ``size`` GiB; its rows."""
+    repeat = args.repeat
+    if size == max(int(s) for s in args.sizes.split(',')) \
+            and args.repeat_large:
+        repeat = args.repeat_large
+    name = f'bench-{size}g-{uuid.uuid4().hex[:6]}'
+    t0 = time.monotonic()
+    write_disk(bench.vms, name, size * GiB, fill)
+    print(f'{size} GiB disk, {fill:.0%} written in '
+          f'{time.monotonic() - t0:.1f} s', flush=True)
+    bench.baseline_objects = 0
+    time.sleep(2)  # the mgr's digest catches up with the writes
+    bench.baseline_objects = bench.objects()
+    rows = []
+    try:
+        for method in methods:
+            runs = [bench.run(method, name) for _ in range(repeat)]
+            row = {'size_gib': size, 'fill': fill, 'method': method,
+                   'objectstore': args.objectstore, 'runs': runs}
+            for key in ('active', 'held', 'independent', 'peak_bytes'):
+                row[key] = median(r[key] for r in runs)
+            rows.append(row)
+            independent = ('never' if row['independent'] is None
+                           else f"{row['independent']:7.2f} s")
+            print(f"{size:>3} GiB {method:<18} active "
+                  f"{row['active']:7.2f} s "
+                  f"({fmt_runs([r['active'] for r in runs], 2)})"
+                  f"  held {row['held']:7.3f} s"
+                  f"  independent {independent}"
+                  f"  peak +{row['peak_bytes'] / GiB:.1f} GiB"
+                  f"  load {fmt_runs([r['load1'] for r in runs], 1)}",
+                  flush=True)
+            for r in runs:
+                if r['leftovers']:
+                    print(f"  cleaned up after a run: {r['leftovers']}",
+                          flush=True)
+    finally:
+        remove_rbd(bench.vms, name)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--sizes', default='1,8',
@@ -466,7 +525,7 @@ def main():
     parser.add_argument('--methods', default=','.join(METHODS),
                         help='subset of ' + ', '.join(METHODS))
     parser.add_argument('--objectstore', default='bluestore',
-                        choices=ceph.OBJECTSTORES,
+                        choices=OBJECTSTORES,
                         help='the OSD store (default bluestore, see the '
                              'module docstring for why)')
     parser.add_argument('--json')
@@ -484,67 +543,25 @@ def main():
         print(note, flush=True)
     state = tempfile.mkdtemp(prefix='rbd-bench-', dir='/tmp')
     os.chmod(state, 0o755)  # libvirtd's helpers run as nobody
-    # services_main.up() starts Ceph with ceph.start()'s defaults; the
-    # store is chosen here, for this process only.
-    start = functools.partial(ceph.start, objectstore=args.objectstore,
-                              bluestore_bytes=store_bytes)
     started = time.monotonic()
     try:
-        with mock.patch.object(ceph, 'start', start), \
-                mock.patch.object(ceph, 'MEMSTORE_BYTES', store_bytes):
-            services = services_main.up(os.path.join(state, 'services'),
-                                        with_ceph=True)
-    except BaseException:
-        shutil.rmtree(state, ignore_errors=True)
-        raise
-    print(f'ceph: {args.objectstore}, {store_bytes / GiB:.1f} GiB store',
-          flush=True)
-    CONF([], project='snapworker', default_config_files=[])
-    CONF.set_override('transport_url', services['transport_url'])
-    bench = Bench(services, state)
-    results = []
-    try:
-        for size in sizes:
-            repeat = args.repeat
-            if size == max(sizes) and args.repeat_large:
-                repeat = args.repeat_large
-            name = f'bench-{size}g-{uuid.uuid4().hex[:6]}'
-            t0 = time.monotonic()
-            write_disk(bench.vms, name, size * GiB, fills[size])
-            print(f'{size} GiB disk, {fills[size]:.0%} written in '
-                  f'{time.monotonic() - t0:.1f} s', flush=True)
-            bench.baseline_objects = 0
-            time.sleep(2)  # the mgr's digest catches up with the writes
-            bench.baseline_objects = bench.objects()
+        with benchkit.services(
+                os.path.join(state, 'services'), with_ceph=True,
+                extra_args=('--ceph-objectstore', args.objectstore,
+                            '--ceph-store-bytes', str(store_bytes))
+        ) as services:
+            print(f'ceph: {args.objectstore}, {store_bytes / GiB:.1f} GiB '
+                  f'store', flush=True)
+            CONF([], project='snapworker', default_config_files=[])
+            CONF.set_override('transport_url', services['transport_url'])
+            bench = Bench(services, state)
             try:
-                for method in methods:
-                    runs = [bench.run(method, name) for _ in range(repeat)]
-                    row = {'size_gib': size, 'fill': fills[size],
-                           'method': method, 'objectstore': args.objectstore,
-                           'runs': runs}
-                    for key in ('active', 'held', 'independent',
-                                'peak_bytes'):
-                        row[key] = median(r[key] for r in runs)
-                    results.append(row)
-                    independent = ('never' if row['independent'] is None
-                                   else f"{row['independent']:7.2f} s")
-                    print(f"{size:>3} GiB {method:<18} active "
-                          f"{row['active']:7.2f} s "
-                          f"({fmt_runs([r['active'] for r in runs], 2)})"
-                          f"  held {row['held']:7.3f} s"
-                          f"  independent {independent}"
-                          f"  peak +{row['peak_bytes'] / GiB:.1f} GiB"
-                          f"  load {fmt_runs([r['load1'] for r in runs], 1)}",
-                          flush=True)
-                    for r in runs:
-                        if r['leftovers']:
-                            print(f"  cleaned up after a run: "
-                                  f"{r['leftovers']}", flush=True)
+                results = [row for size in sizes
+                           for row in measure_size(bench, args, size,
+                                                   fills[size], methods)]
             finally:
-                rbd_helpers.remove_rbd(bench.vms, name)
+                bench.close()
     finally:
-        bench.close()
-        services_main.down(os.path.join(state, 'services'))
         shutil.rmtree(state, ignore_errors=True)
     print(f'wall time {(time.monotonic() - started) / 60:.1f} min')
     report(results, sizes)

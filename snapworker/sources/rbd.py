@@ -18,7 +18,7 @@ the background flatten in flattener.py. Two plans:
 
 Flattening (``[rbd] flatten``) decides when the clone stops depending on
 the instance disk. Measured on a real Ceph (Pacific) while writing this,
-see tests/functional/test_rbd.py:
+see tests/functional/sources/test_rbd.py:
 
 * A snapshot of the clone taken *before* a flatten keeps referencing the
   parent unless the clone has the ``deep-flatten`` feature; with it, a

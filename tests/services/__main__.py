@@ -49,13 +49,17 @@ _MODULES = {
 
 
 def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
-       rbd_default=False):
+       rbd_default=False, ceph_objectstore="memstore", ceph_store_bytes=None):
     """Start everything, write services.json and return its content.
 
     :param rbd_thin: Glance's rbd stores skip zero chunks
         (``rbd_thin_provisioning``), for benchmarks of sparse disks.
     :param rbd_default: Glance's default store is ``ceph``, where Nova's
         own snapshots (which name no store) then go.
+    :param ceph_objectstore: ``memstore`` (the tests: small data, in RAM)
+        or ``bluestore`` (benchmarks of images larger than RAM allows).
+    :param ceph_store_bytes: the OSD store's size (None: Ceph's module
+        default for that store).
     """
     state_path = os.path.join(state_dir, STATE_FILE)
     if os.path.exists(state_path):
@@ -82,8 +86,11 @@ def up(state_dir, with_ceph, with_cloud=False, rbd_thin=False,
         if with_ceph:
             # Imported only when asked for: it needs Debian's rados binding.
             ceph = importlib.import_module(_MODULES["ceph"])
-            started["ceph"] = _timed("ceph", ceph.start,
-                                     os.path.join(state_dir, "ceph"))
+            started["ceph"] = _timed(
+                "ceph", functools.partial(ceph.start,
+                                          objectstore=ceph_objectstore,
+                                          store_bytes=ceph_store_bytes),
+                os.path.join(state_dir, "ceph"))
             rbd = dict(started["ceph"].glance_rbd(), thin=rbd_thin,
                        default=rbd_default)
         _start_in_parallel(state_dir, rbd, started)
@@ -211,12 +218,19 @@ def main(argv=None):
     parser.add_argument("--glance-rbd-default", action="store_true",
                         help="Glance's default store is the rbd one "
                              "(up --with-ceph only)")
+    parser.add_argument("--ceph-objectstore", default="memstore",
+                        choices=("memstore", "bluestore"),
+                        help="the OSD's store (up --with-ceph only)")
+    parser.add_argument("--ceph-store-bytes", type=int,
+                        help="the OSD store's size in bytes (up --with-ceph "
+                             "only; default: the store's own default)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
     try:
         if args.command == "up":
             state = up(state_dir, args.with_ceph, args.with_cloud,
-                       args.glance_rbd_thin, args.glance_rbd_default)
+                       args.glance_rbd_thin, args.glance_rbd_default,
+                       args.ceph_objectstore, args.ceph_store_bytes)
             print("services up; state in %s"
                   % os.path.join(state_dir, STATE_FILE))
             for key in ("transport_url", "glance_url", "glance_noauth_url",

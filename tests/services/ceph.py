@@ -11,7 +11,7 @@ Shape (each choice measured on a 2-core Debian 12 machine with Ceph 16):
   OSD RAM. Keep test data small. ``objectstore="bluestore"`` puts BlueStore
   on a sparse file in the state dir instead, for data that does not fit in
   RAM (benchmarks of multi-GiB images): it starts a few seconds slower and
-  costs real disk space, up to ``bluestore_bytes``, until :meth:`stop`
+  costs real disk space, up to ``store_bytes``, until :meth:`stop`
   removes the file.
 * cephx on; every key is made up front with ``ceph-authtool`` and imported into
   the mon keyring before ``ceph-mon --mkfs``, so no ``ceph auth`` round trips.
@@ -25,7 +25,7 @@ Usage::
 
     cluster = ceph.start("/tmp/x")          # about 4-8 s
     ceph.start("/tmp/y", objectstore="bluestore",
-               bluestore_bytes=32 * 1024**3)  # a sparse 32 GiB file
+               store_bytes=32 * 1024**3)  # a sparse 32 GiB file
     cluster.client_user, cluster.client_keyring, cluster.conf_path
     json.dump(cluster.to_dict(), f)         # hand over to another process
     cluster.stop()                          # or ceph.stop_from_dict(d)
@@ -176,14 +176,15 @@ def stop_from_dict(d):
 
 
 def start(state_dir, timeout=START_TIMEOUT, objectstore="memstore",
-          bluestore_bytes=BLUESTORE_BYTES):
+          store_bytes=None):
     """Create a cluster in ``state_dir``, start it, wait until it is healthy.
 
     ``state_dir`` is created if missing and must not hold a previous cluster;
     keep its path short (admin socket paths are limited to 107 characters).
-    ``objectstore`` is ``"memstore"`` (data in OSD RAM, capped at
-    ``MEMSTORE_BYTES``) or ``"bluestore"`` (a sparse file of
-    ``bluestore_bytes`` in ``state_dir``, for more data than RAM allows).
+    ``objectstore`` is ``"memstore"`` (data in OSD RAM) or ``"bluestore"``
+    (a sparse file in ``state_dir``, for more data than RAM allows);
+    ``store_bytes`` caps either (default ``MEMSTORE_BYTES`` or
+    ``BLUESTORE_BYTES``).
     Raises :class:`CephError` (with log tails) if it is not HEALTH_OK with
     the pools active+clean within ``timeout`` seconds; nothing is left
     running then, and no block file either.
@@ -191,9 +192,12 @@ def start(state_dir, timeout=START_TIMEOUT, objectstore="memstore",
     if objectstore not in OBJECTSTORES:
         raise ValueError(f"objectstore must be one of {OBJECTSTORES}, "
                          f"not {objectstore!r}")
+    if store_bytes is None:
+        store_bytes = (MEMSTORE_BYTES if objectstore == "memstore"
+                       else BLUESTORE_BYTES)
     state_dir = os.path.abspath(state_dir)
     try:
-        cluster = _prepare(state_dir, objectstore, bluestore_bytes)
+        cluster = _prepare(state_dir, objectstore, store_bytes)
     except BaseException:
         _remove_block_file(state_dir)
         raise
@@ -208,7 +212,7 @@ def start(state_dir, timeout=START_TIMEOUT, objectstore="memstore",
 
 # --- preparation: files only, no daemons ---------------------------------
 
-def _prepare(state_dir, objectstore, bluestore_bytes):
+def _prepare(state_dir, objectstore, store_bytes):
     """Write ceph.conf, keyrings, the slim mgr module dir; mkfs mon and OSD.
 
     With BlueStore, the OSD's mkfs creates the sparse block file itself
@@ -223,7 +227,7 @@ def _prepare(state_dir, objectstore, bluestore_bytes):
     conf_path = os.path.join(state_dir, "ceph.conf")
     _write_file(conf_path, _conf_text(
         state_dir, fsid, mon_host, base + 2, base + PORT_SPAN - 1,
-        _osd_store_text(objectstore, bluestore_bytes)))
+        _osd_store_text(objectstore, store_bytes)))
     _make_keyrings(state_dir)
     _link_mgr_modules(os.path.join(state_dir, "mgr-modules"))
     # An explicit monmap: built from "mon host" alone, mkfs names the mon
@@ -304,7 +308,7 @@ osd data = {s}/osd-$id
 {keyrings}"""
 
 
-def _osd_store_text(objectstore, bluestore_bytes):
+def _osd_store_text(objectstore, store_bytes):
     """The ``[osd]`` lines that pick and size the object store.
 
     BlueStore gets one file for data, DB and WAL alike (no separate
@@ -315,10 +319,10 @@ def _osd_store_text(objectstore, bluestore_bytes):
     """
     if objectstore == "memstore":
         return ("osd objectstore = memstore\n"
-                f"memstore device bytes = {MEMSTORE_BYTES}")
+                f"memstore device bytes = {int(store_bytes)}")
     return ("osd objectstore = bluestore\n"
             "bluestore block create = true\n"
-            f"bluestore block size = {int(bluestore_bytes)}\n"
+            f"bluestore block size = {int(store_bytes)}\n"
             "bluestore fsck on mkfs = false")
 
 

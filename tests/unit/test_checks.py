@@ -3,7 +3,7 @@
 The checks run against what is real in a unit test: directories under a
 temporary path, libvirt's in-process test driver (``test:///default``),
 the configuration; Glance and Ceph are replaced at the one call each
-check makes to them. tests/functional/test_upgrade_check.py runs the
+check makes to them. tests/functional/cmd/test_status.py runs the
 command itself against the real services.
 """
 

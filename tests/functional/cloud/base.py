@@ -31,7 +31,7 @@ from oslo_config import cfg
 
 from snapworker import events
 from tests.functional import base
-from tests.functional import test_nova_driver
+from tests.functional.nova import test_driver as nova_driver_tests
 from tests.services import openstack
 
 #: Task states of a cold snapshot as the API shows them with Nova's own
@@ -40,7 +40,7 @@ from tests.services import openstack
 #: any snapshot is a part of this, polling missing some.
 NOVA_SNAPSHOT_TASK_STATES = (
     ("image_snapshot_pending", "image_snapshot")
-    + tuple(state for state, _ in test_nova_driver.NOVA_COLD_TASK_STATES))
+    + tuple(state for state, _ in nova_driver_tests.NOVA_COLD_TASK_STATES))
 #: Bytes the tests' image carries: (offset, length, byte).
 IMAGE_WRITES = ((0, 1 << 20, 0x5a), (20 << 20, 3 << 20, 0xa5),
                 ((64 << 20) - 4096, 4096, 0x3c))

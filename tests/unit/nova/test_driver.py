@@ -4,7 +4,7 @@ which disks are delegated and in what format.
 ``snapworker.nova.driver`` itself imports ``nova.conf``, which cannot be
 registered after snapworker's options in one process (both define
 ``[DEFAULT] host``); it is tested through real child nova-compute
-processes in tests/functional/test_nova_driver.py. For the same reason
+processes in tests/functional/nova/test_driver.py. For the same reason
 Nova's own disk naming is asked in a child Python here.
 """
 

@@ -141,7 +141,7 @@ class RbdLeftoverTestCase(testtools.TestCase):
 
 class CheckPoolsTestCase(testtools.TestCase):
     """What snapworker-status asks Ceph; the real cluster is in the
-    functional tests (tests/functional/test_upgrade_check.py)."""
+    functional tests (tests/functional/cmd/test_status.py)."""
 
     def setUp(self):
         super().setUp()

@@ -2,8 +2,8 @@
 
 No Ceph here: the RBD side (``rbd_write.GlanceRbdImage``) is replaced by a
 recorder, the disk is a real sparse raw file read through its real view.
-The functional tests (tests/functional/test_direct.py) write into a real
-Glance's real RBD pool.
+The functional tests (tests/functional/sources/test_direct.py) write into
+a real Glance's real RBD pool.
 """
 
 import hashlib

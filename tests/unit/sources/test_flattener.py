@@ -1,8 +1,8 @@
 """The background flattener's life: start, tasks in order, bounded stop.
 
 The Ceph half of a task (``ceph.flatten_clone``) is replaced by a double
-that can be held; tests/functional/test_rbd.py and test_crash_recovery.py
-run real flattens.
+that can be held; tests/functional/sources/test_rbd.py and
+test_crash_recovery.py run real flattens.
 """
 
 import threading

@@ -2,7 +2,7 @@
 
 No Ceph here: the source's facts are set as ``inspect()`` would set them,
 and ``plan()`` only looks at them, the configuration and the store list.
-The functional tests (tests/functional/test_rbd.py) run the plans.
+The functional tests (tests/functional/sources/test_rbd.py) run the plans.
 """
 
 from unittest import mock

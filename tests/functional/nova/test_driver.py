@@ -46,8 +46,8 @@ _CHILD = ('import sys; '
           'from nova import config; '
           'config.parse_args(["nova-compute", "--config-file", sys.argv[1]], '
           'configure_db=False); '
-          'from tests.functional import nova_compute; '
-          'nova_compute.main(sys.argv[2])')
+          'from tests.functional.nova import compute_child; '
+          'compute_child.main(sys.argv[2])')
 
 MiB = units.Mi
 RBD_SIZE = 32 * MiB

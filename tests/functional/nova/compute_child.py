@@ -1,11 +1,11 @@
-"""The child nova-compute of test_nova_driver: one ``driver.snapshot()``.
+"""The child nova-compute of nova/test_driver.py: one ``driver.snapshot()``.
 
 A module of its own, apart from the tests, so that the child imports
 nothing but Nova, the driver under test and what it pulls in: the
 functional tests' base imports the worker's configuration, which a real
 nova-compute never has (``snapworker_modules`` of the result shows it).
 
-Run by ``test_nova_driver._CHILD`` after Nova's own ``parse_args``.
+Run by ``test_driver._CHILD`` after Nova's own ``parse_args``.
 """
 
 import json
