@@ -30,7 +30,9 @@ other order could leave something that no entry names). Its ``owner``
 says who must remove it:
 
 ``job``
-    The job made it and still owns it: recovery removes it.
+    The job made it and still owns it: recovery removes it. A job that
+    ends keeps in its record only what its cleanup could not remove
+    (``finish(keep=...)``), for the next start to retry.
 ``glance``
     Handed to Glance as the image's data (a registered location): kept
     with an active image, removed with an image that recovery deletes.
@@ -74,6 +76,9 @@ GLANCE_IMAGE = 'glance_image'
 #: Records hold a few resources and a request context (with its service
 #: catalog); anything bigger is not a record this worker wrote.
 _MAX_RECORD_BYTES = units.Mi
+#: ``Record.finish(keep=EVERYTHING)``: the job's cleanup did not say what
+#: it removed, so every resource it still owned is kept.
+EVERYTHING = object()
 _SUFFIX = '.json'
 _TMP_SUFFIX = '.tmp'
 _ASIDE_SUFFIX = '.corrupt'
@@ -363,14 +368,28 @@ class Record:
             return _noop
         return functools.partial(self._background_done, kind, ref)
 
-    def finish(self):
-        """The job ended: remove the record unless background work holds
-        resources (then keep only those, for recovery to resume)."""
+    def finish(self, keep=()):
+        """The job ended: remove the record unless something is pending.
+
+        Pending are the resources background work holds (recovery resumes
+        it) and the job's own resources in ``keep``: what its cleanup
+        could not remove (recovery removes them).
+
+        :param keep: ``[(kind, ref)]``, or ``EVERYTHING`` the job owned.
+        """
+        kept = None if keep is EVERYTHING else {tuple(k) for k in keep}
+
+        def pending(entry):
+            if entry.get('owner') == JOB:
+                return kept is None or (entry['kind'], entry['ref']) in kept
+            return entry.get('owner') != GLANCE
+
         with self._lock:
             if not self._written:
                 return
             self.data['finished'] = True
-            self.data['resources'] = self._background_entries()
+            self.data['resources'] = [
+                e for e in self.data['resources'] if pending(e)]
             self._persist_quietly()
 
     # -- recovery's side ---------------------------------------------------
@@ -415,7 +434,7 @@ class Record:
     def _persist_quietly(self):
         """Save, or remove once the job ended and nothing is pending."""
         try:
-            if self.finished and not self._background_entries():
+            if self.finished and not self.data['resources']:
                 self._journal.remove(self.image_id)
                 self._written = False
             else:
@@ -442,10 +461,6 @@ class Record:
             e for e in self.data['resources']
             if not (e['kind'] == kind and e['ref'] == ref)]
 
-    def _background_entries(self):
-        return [e for e in self.data['resources']
-                if e.get('owner') not in (JOB, GLANCE)]
-
 
 def _noop():
     pass
@@ -464,10 +479,12 @@ class Recovery:
     3. one ``snapshot.create.error`` (``WorkerRestarted``) says what
        happened.
 
-    Then, for any record, background work that was handed resources is
-    resumed, and the record is removed once nothing is left. Whatever
-    fails is logged and stays in the record for the next start; recovery
-    never raises.
+    A job that did finish keeps in its record only what its cleanup could
+    not remove (its own ending already reported that): those are removed,
+    nothing else is touched. Then, for any record, background work that
+    was handed resources is resumed, and the record is removed once
+    nothing is left. Whatever fails is logged and stays in the record for
+    the next start; recovery never raises.
 
     :param images: ``images(context_dict)`` -> object with ``get`` and
         ``delete`` (``glance.ImageService``).
@@ -541,6 +558,10 @@ class Recovery:
                 record.mark_reported()
             if failed or (status is None and not pending):
                 return False
+        elif self._undo_owned(record, None)[1]:
+            # A job that ended but could not remove all it made: the
+            # error it reported named these; only the removal is left.
+            return False
         resumed = self._resume_background(record)
         record.finish()
         return resumed

@@ -33,6 +33,7 @@ from oslo_log import log as logging
 
 from snapworker import exception
 from snapworker import hostio
+from snapworker import journal
 from snapworker import sources
 from snapworker.sources import base as sources_base
 from snapworker.streams import body as streams_body
@@ -213,13 +214,12 @@ class SnapshotJob(sources_base.PlanContext):
         try:
             plan = self._steps()
         except Exception as e:
-            self._release_quietly()
-            self.fail(e)
+            self.fail(e, leftovers=self._release_quietly())
             return
-        self._release_quietly()
+        leftovers = self._release_quietly()
         self.payload.duration_seconds = self._elapsed()
         self._emitter.progress(force=True)
-        self._end_record()
+        self._end_record(leftovers)
         self._emitter.end()
         LOG.info('Snapshot of %s into image %s done in %.2f s '
                  '(strategy %s, %d bytes read, %d scratch bytes)',
@@ -306,18 +306,28 @@ class SnapshotJob(sources_base.PlanContext):
         A step that fails is logged and the next one still runs: the
         job's ending (its notification, its image) must not depend on
         cleanup succeeding.
+
+        :returns: what the plan could not remove (``[(kind, ref)]``), or
+            ``journal.EVERYTHING`` when its cleanup broke its contract
+            and raised, so that nothing it tracked is forgotten.
         """
         plan, self._plan = self._plan, None
         source, self._source = self._source, None
-        for what, step in (('plan cleanup', plan and plan.cleanup),
-                           ('source close', source and source.close)):
-            if step is None:
-                continue
+        leftovers = []
+        if plan is not None:
             try:
-                step()
+                leftovers = plan.cleanup() or []
             except Exception:
-                LOG.exception('Snapshot into image %s: %s failed',
-                              self.image_id, what)
+                LOG.exception('Snapshot into image %s: plan cleanup failed',
+                              self.image_id)
+                leftovers = journal.EVERYTHING
+        if source is not None:
+            try:
+                source.close()
+            except Exception:
+                LOG.exception('Snapshot into image %s: source close failed',
+                              self.image_id)
+        return leftovers
 
     def fail_unstarted(self, error):
         """End a job that never ran (the worker stops): claim, then fail.
@@ -335,11 +345,15 @@ class SnapshotJob(sources_base.PlanContext):
             LOG.exception('Could not claim image %s', self.image_id)
         self.fail(error)
 
-    def fail(self, error):
-        """End the snapshot: clean up, delete its image, report the cause.
+    def fail(self, error, leftovers=()):
+        """End the snapshot: delete its image, report the cause.
 
         Only an image the job claimed is deleted; a refusal (an image
         that is not this request's) touches nothing and says so.
+
+        :param leftovers: what the plan's cleanup could not remove (see
+            ``_release_quietly``); the journal keeps it and the message
+            names it.
         """
         if isinstance(error, exception.SnapshotError):
             code, message = error.code, str(error)
@@ -349,6 +363,9 @@ class SnapshotJob(sources_base.PlanContext):
             code, message = 'InternalError', f'{type(error).__name__}: {error}'
             LOG.error('Snapshot of %s into image %s failed',
                       self.instance_uuid, self.image_id, exc_info=error)
+        if leftovers:
+            message += ' ' + _leftovers_sentence(leftovers,
+                                                 self._record is not None)
         try:
             if self._owns_image:
                 self._delete_image(error)
@@ -357,7 +374,7 @@ class SnapshotJob(sources_base.PlanContext):
         except Exception:
             LOG.exception('Deleting image %s failed', self.image_id)
         self.payload.duration_seconds = self._elapsed()
-        self._end_record()
+        self._end_record(leftovers)
         if getattr(error, 'refusal', False) and not self._owns_image:
             self._emitter.refused(code, message)
         else:
@@ -397,15 +414,16 @@ class SnapshotJob(sources_base.PlanContext):
         self._reaper.add(self._images, self.image_id, done, now=now,
                          claim_project=details.get('claim_project'))
 
-    def _end_record(self):
+    def _end_record(self, leftovers=()):
         """Close the journal record; a failure is logged, not raised.
 
         Nothing may keep the final event from being sent; a record that
-        could not be closed is recovered at the next start.
+        could not be closed is recovered at the next start, and so are
+        the ``leftovers`` it keeps.
         """
         if self._record is not None:
             try:
-                self._record.finish()
+                self._record.finish(keep=leftovers)
             except Exception:
                 LOG.exception('Could not close the journal record of image '
                               '%s', self.image_id)
@@ -615,3 +633,16 @@ class Planner:
 
 def _noop():
     pass
+
+
+def _leftovers_sentence(leftovers, journalled):
+    """The end of an error message when cleanup left something behind."""
+    if leftovers is journal.EVERYTHING:
+        what = 'what the job had created'
+    else:
+        what = ', '.join(f'{kind} {ref}' for kind, ref in leftovers)
+    if journalled:
+        return (f'Could not remove {what}: the worker retries at its next '
+                f'start.')
+    return f'Could not remove {what}: remove it by hand.'
+

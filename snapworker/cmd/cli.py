@@ -463,7 +463,9 @@ def cmd_stream(args, out):
         sys.stderr.write(f'{e}\n')
         return 1
     finally:
-        plan.cleanup()
+        for kind, ref in plan.cleanup():
+            sys.stderr.write(f'Could not remove {kind} {ref}: remove it by '
+                             f'hand.\n')
         source.close()
         if sink is not out.buffer:
             sink.close()

@@ -56,11 +56,20 @@ when it has finished with the resource. ``sources.remove_leftover`` and
 and ``cleanup()`` undoes everything the plan created (scratch files, RBD
 snapshots and clones). It is called after every run, successful or not, so
 it must be idempotent and keep what a successful run handed over (for
-example the clone that became the image's data).
+example the clone that became the image's data). It never raises: each
+removal is one ``_remove`` step, isolated from the others, and it returns
+the ``(kind, ref)`` of every resource it could not remove. The pipeline
+keeps those in the job's journal record, so that the next start of the
+worker retries them; nothing the job created is forgotten while it
+still exists.
 """
 
 import abc
 import dataclasses
+
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
 
 SUPPORTED_TARGET_FORMATS = ('raw', 'qcow2')
 
@@ -171,6 +180,7 @@ class Plan(abc.ABC):
     def __init__(self, target_format, reason):
         self.target_format = target_format
         self.reason = reason
+        self._leftovers = []
 
     @abc.abstractmethod
     def run(self, ctx):
@@ -180,7 +190,34 @@ class Plan(abc.ABC):
         """
 
     def cleanup(self):
-        """Remove what ``run`` created and did not hand over."""
+        """Remove what ``run`` created and did not hand over.
+
+        Idempotent; never raises. Plans that create resources remove each
+        with ``_remove`` and end with ``return super().cleanup()``.
+
+        :returns: ``[(kind, ref), ...]``, every resource a removal failed
+            for, on this call or an earlier one.
+        """
+        return list(self._leftovers)
+
+    def _remove(self, kind, ref, remove, *args):
+        """One removal step of ``cleanup``: ``remove(*args)``.
+
+        A failure is logged and the resource noted as left over; it is
+        not raised, so that the next step still runs and the cause of a
+        failing job is not replaced by its cleanup's.
+
+        :returns: whether the resource is gone.
+        """
+        try:
+            remove(*args)
+            return True
+        except Exception:
+            LOG.exception('Could not remove %s %s; kept in the journal for '
+                          'the next start of the worker to remove', kind,
+                          ref)
+            self._leftovers.append((kind, ref))
+            return False
 
 
 class StreamPlan(Plan):

@@ -20,10 +20,12 @@ SCRATCH_PREFIX = 'convert-'
 
 
 def remove_scratch_dir(conf, path):
-    """Remove a scratch directory a job of a crashed worker left.
+    """Remove a job's scratch directory: its own cleanup, or recovery's
+    after a crash.
 
-    The path comes from a journal file, so only a ``convert-*`` directory
-    directly inside ``scratch_dir`` is ever removed; gone already is fine.
+    The path may come from a journal file, so only a ``convert-*``
+    directory directly inside ``scratch_dir`` is ever removed; gone
+    already is fine.
     """
     parent = os.path.realpath(conf.scratch_dir)
     real = os.path.realpath(path)
@@ -102,6 +104,8 @@ class ConvertPlan(base.Plan):
             ctx.upload(stream, self.target_format)
 
     def cleanup(self):
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        workdir, self._workdir = self._workdir, None
+        if workdir:
+            self._remove(base.SCRATCH_DIR, workdir, remove_scratch_dir,
+                         self._conf, workdir)
+        return super().cleanup()

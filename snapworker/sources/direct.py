@@ -178,28 +178,19 @@ class DirectPlan(base.Plan):
     def cleanup(self):
         """Remove the RBD image unless Glance owns it; close Ceph.
 
-        Never raises: it runs while a failure propagates, whose cause
-        must not be replaced by a cleanup error. A removal that fails (a
-        full pool refuses even that until space is freed) is logged with
-        what to remove by hand.
+        A removal that fails (a cluster that stopped answering) leaves the
+        image among the leftovers the journal keeps (``Plan.cleanup``).
         """
         image, self._image = self._image, None
-        if image is None:
-            return
-        try:
+        if image is not None:
             if not self._handed_over:
-                image.remove()
-        except Exception:
-            LOG.exception('Could not remove RBD image %s of a failed '
-                          'snapshot; remove it by hand (rbd snap unprotect '
-                          '%s@snap; rbd snap purge; rbd rm)', image.ref,
-                          image.ref)
-        finally:
+                self._remove(base.RBD_IMAGE, str(image.ref), image.remove)
             try:
                 image.close()
             except Exception:
                 LOG.exception('Closing the Ceph connection of %s failed',
                               image.ref)
+        return super().cleanup()
 
 
 def checked_extents(view, virtual_size):

@@ -300,9 +300,9 @@ class _SourceSnapshotMixin:
         if self._snap is None:
             return
         snap, self._snap = self._snap, None
-        _guarded(f'Removing snapshot {self._snap_ref(snap)} (remove it by '
-                 f'hand)', ceph.remove_snapshot, self._source.ioctx,
-                 self._source.name, snap)
+        self._remove(base.RBD_SNAPSHOT, str(self._snap_ref(snap)),
+                     ceph.remove_snapshot, self._source.ioctx,
+                     self._source.name, snap)
 
 
 class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
@@ -331,6 +331,7 @@ class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
 
     def cleanup(self):
         self._drop_snapshot()
+        return super().cleanup()
 
 
 class ClonePlan(_SourceSnapshotMixin, base.Plan):
@@ -448,9 +449,11 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
         close Glance's pool: each step even if the one before failed."""
         clone, self._clone = self._clone, None
         if clone and not self._handed_over:
-            _guarded(f'Removing clone {self._glance_pool}/{clone}',
-                     ceph.remove_image, self._glance_ioctx, clone)
+            self._remove(base.RBD_CLONE,
+                         str(ceph.RbdRef(self._glance_pool, clone)),
+                         ceph.remove_image, self._glance_ioctx, clone)
         self._drop_snapshot()
         ioctx, self._glance_ioctx = self._glance_ioctx, None
         if ioctx is not None:
             _guarded(f'Closing pool {self._glance_pool}', ioctx.close)
+        return super().cleanup()

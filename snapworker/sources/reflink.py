@@ -67,13 +67,17 @@ def _probe(parent):
 
 
 def remove_leftover(conf, path):
-    """Remove a copy's directory a crashed worker left (gone is fine)."""
+    """Remove a copy's directory: the job's cleanup, or recovery's after
+    a crash (the path then comes from a journal file). Gone is fine."""
     real = os.path.realpath(path)
     if (os.path.dirname(real) != _parent(conf)
             or not os.path.basename(real).startswith(PREFIX)):
         raise ValueError(f'{path} is not a reflink directory of '
                          f'{conf.instances_path}')
-    shutil.rmtree(real, ignore_errors=True)
+    try:
+        shutil.rmtree(real)
+    except FileNotFoundError:
+        pass
 
 
 class ReflinkPlan(base.Plan):
@@ -122,9 +126,11 @@ class ReflinkPlan(base.Plan):
         return base.PlanResult(shared_bytes=shared)
 
     def cleanup(self):
-        if self._copy is not None:
-            self._copy.close()
-            self._copy = None
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            copy.close()
+        workdir, self._workdir = self._workdir, None
+        if workdir:
+            self._remove(base.REFLINK_DIR, workdir, remove_leftover,
+                         self._conf, workdir)
+        return super().cleanup()

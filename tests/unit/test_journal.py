@@ -98,6 +98,29 @@ class RecordTestCase(JournalTestCase):
         record.finish()
         self.assertEqual([], self._files())
 
+    def test_what_cleanup_left_is_kept_and_nothing_else(self):
+        record = self._record()
+        record.begin()
+        record.track(base.RBD_SNAPSHOT, SNAP)
+        record.track(base.RBD_CLONE, CLONE)
+        record.handed_over(base.RBD_CLONE, CLONE, to=base.GLANCE)
+        record.track(base.SCRATCH_DIR, '/s/convert-x')
+        record.finish(keep=[(base.RBD_SNAPSHOT, SNAP)])
+        data = self._on_disk(record)
+        self.assertTrue(data['finished'])
+        self.assertEqual([{'kind': 'rbd_snapshot', 'ref': SNAP,
+                           'owner': 'job'}], data['resources'])
+
+    def test_a_cleanup_that_said_nothing_keeps_all_the_job_owned(self):
+        record = self._record()
+        record.begin()
+        record.track(base.RBD_SNAPSHOT, SNAP)
+        record.track(base.RBD_CLONE, CLONE)
+        record.handed_over(base.RBD_CLONE, CLONE, to=base.GLANCE)
+        record.finish(keep=journal.EVERYTHING)
+        self.assertEqual([SNAP], [e['ref'] for e in
+                                  self._on_disk(record)['resources']])
+
     def test_second_job_for_same_image_is_refused(self):
         first = self._record()
         first.begin()
@@ -303,6 +326,25 @@ class RecoveryTestCase(JournalTestCase):
         self.assertIn('deleted the unfinished image', outcome)
         self.assertIn('scratch_dir /scratch/convert-x', outcome)
         self.assertEqual([], self._files())
+
+    def test_leftovers_of_a_finished_job_removed_image_untouched(self):
+        record = self._record()
+        record.begin()
+        record.claim_image()
+        record.track(base.RBD_SNAPSHOT, SNAP)
+        record.track(base.RBD_CLONE, CLONE)
+        record.handed_over(base.RBD_CLONE, CLONE, to=base.GLANCE)
+        record.finish(keep=[(base.RBD_SNAPSHOT, SNAP)])
+        self.undo_errors[SNAP] = OSError('cluster unreachable')
+        # Still there: kept for the next start, nothing else done.
+        self.assertEqual(1, self._recover())
+        self.assertEqual([record.image_id + '.json'], self._files())
+        self.assertEqual(0, self._recover())
+        self.assertEqual([SNAP], self.undone)
+        self.assertEqual([], self._files())
+        # The job reported its own ending: no image touched, no report.
+        self.assertEqual([], self.images.contexts)
+        self.assertEqual([], self.reports)
 
     def test_unregistered_clone_removed_before_its_snapshot(self):
         self._interrupted_clone(registered=False)

@@ -10,6 +10,7 @@ import os
 import queue
 import subprocess
 import threading
+from unittest import mock
 
 import fixtures
 import oslo_messaging as messaging
@@ -163,6 +164,28 @@ class ManagerTestCase(testtools.TestCase):
         # Released before the upload started, not after it ended.
         self.assertEqual(0, released['bytes_uploaded'])
         self.assertEqual([], os.listdir(self.scratch))
+
+    def test_scratch_that_cannot_be_removed_is_named_and_kept(self):
+        """A cleanup that fails is not forgotten: the error says what is
+        left, the journal keeps it, the next start removes it."""
+        busy = mock.patch('snapworker.sources.convert.remove_scratch_dir',
+                          side_effect=OSError('device busy'))
+        busy.start()
+        self.addCleanup(mock.patch.stopall)
+        self.images.upload = mock.Mock(side_effect=OSError('glance down'))
+        _, image = self._request(self._disk(), managed_save=True)
+        error = self._events_until_final()[-1][1]
+        workdir = os.path.join(self.scratch, f'convert-{image}')
+        self.assertIn(f'Could not remove scratch_dir {workdir}: the worker '
+                      f'retries at its next start.', error['error_message'])
+        self.assertEqual([image], self.images.deleted)
+        self.assertTrue(os.path.isdir(workdir))
+        journal_dir = CONF.worker.journal_dir
+        self.assertEqual([f'{image}.json'], os.listdir(journal_dir))
+        busy.stop()
+        self.assertEqual(0, self.manager.recover())
+        self.assertEqual([], os.listdir(self.scratch))
+        self.assertEqual([], os.listdir(journal_dir))
 
     def test_suspended_guest_streams_when_configured_to(self):
         self.conf.config(suspended_guest_plan='stream', group='worker')

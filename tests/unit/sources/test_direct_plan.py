@@ -302,6 +302,9 @@ class DirectPlanRunTestCase(testtools.TestCase):
             f'{__name__}._FakeImage.remove', remove))
         self.assertRaises(exception.SourceChanged, plan.run, ctx)
         self.assertTrue(_FakeImage.last.closed)
+        # Left for the journal to keep (the pipeline cleans up again).
+        self.assertEqual([(base.RBD_IMAGE, str(_FakeImage.last.ref))],
+                         plan.cleanup())
 
     def test_a_changed_source_removes_the_image(self):
         path, content = self._disk()

@@ -185,15 +185,19 @@ class RbdCleanupTestCase(testtools.TestCase):
 
         with mock.patch.object(ceph, 'remove_image', remove_image), \
                 mock.patch.object(ceph, 'remove_snapshot', remove_snapshot), \
-                self.assertLogs(rbd_source.LOG.logger, 'ERROR') as logs:
-            plan.cleanup()
+                self.assertLogs('snapworker', 'ERROR') as logs:
+            leftovers = plan.cleanup()
         self.assertEqual(['image-id', 'uuid_disk@snapworker-image-id'],
                          removed)
         glance_ioctx.close.assert_called_once_with()
         self.assertEqual(3, len(logs.records))
         self.assertIn('vms/uuid_disk@snapworker-image-id', logs.output[1])
-        # Nothing is tried twice.
-        plan.cleanup()
+        # What could not go is said, for the journal to keep.
+        expected = [(base.RBD_CLONE, 'images/image-id'),
+                    (base.RBD_SNAPSHOT, 'vms/uuid_disk@snapworker-image-id')]
+        self.assertEqual(expected, leftovers)
+        # Nothing is tried twice, and the answer stays the same.
+        self.assertEqual(expected, plan.cleanup())
         self.assertEqual(2, len(removed))
 
 
