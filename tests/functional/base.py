@@ -71,6 +71,22 @@ def nova_metadata(project_id, user_id='user', base_image=None):
             f"</nova:owner>{root}</nova:instance></metadata>")
 
 
+def process_running(pid):
+    """Whether ``pid`` is a live process (a zombie is not).
+
+    A helper killed with its worker is an orphan whose zombie waits for
+    PID 1 to reap it; an init that reaps lazily (this machine's polls
+    about once a second) keeps ``/proc/<pid>`` for a while after the
+    process has ended and released everything.
+    """
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ('Z', 'X')
+
+
 def qemu_img(*args):
     return subprocess.run(('qemu-img',) + args, check=True,
                           capture_output=True, text=True).stdout

@@ -189,7 +189,7 @@ class StopAndCrashTest(OutcomeTestCase):
                              finals[image])
             self.assertEqual('deleted', self.image_status(image))
         for pid in helpers:
-            self.assertFalse(os.path.exists(f'/proc/{pid}'), pid)
+            self.assertFalse(base.process_running(pid), pid)
         self.assertEqual([], _journal(self.workdir))
         self._restart()
 
@@ -236,7 +236,7 @@ class StopAndCrashTest(OutcomeTestCase):
             self.assertEqual('deleted', self.image_status(image))
         self.assertEqual([], _journal(self.workdir))
         for pid in helpers:
-            self.assertFalse(os.path.exists(f'/proc/{pid}'), pid)
+            self.assertFalse(base.process_running(pid), pid)
         self.assertNoScratchLeft()
         self.assertServesNext()
 
