@@ -123,14 +123,20 @@ class SnapshotJob(sources_base.PlanContext):
 
     # -- the plan-facing API (see sources/base.py) --------------------------
 
-    def upload(self, stream, disk_format, store=None):
+    def upload(self, stream, disk_format, store=None, reads_source=True):
         store = store or self._store
         self.payload.store = store
         self.payload.bytes_total = stream.size
+        read_before = self.payload.bytes_read
+
+        def count_reads():
+            if reads_source:
+                self.payload.bytes_read = read_before + stream.bytes_read
 
         def on_progress(bytes_out):
             self.check_cancelled()
             self.payload.bytes_uploaded = bytes_out
+            count_reads()
             self._emitter.progress()
 
         digest = (streams_digest.BackgroundDigest(
@@ -153,6 +159,7 @@ class SnapshotJob(sources_base.PlanContext):
                 path=self._location,
                 reason=str(counting.read_error)) from e
         finally:
+            count_reads()
             if digest is not None:
                 digest.close()
         self.payload.bytes_uploaded = counting.bytes_out

@@ -27,11 +27,13 @@ pipeline's job, which fills a Glance image, or ``snapworker stream``'s,
 which writes a file) and may call only what that class declares::
 
     ctx.image_id                     # names resources before they exist
-    ctx.upload(stream, disk_format)  # an image stream (see streams/)
+    ctx.upload(stream, disk_format)  # an image stream (see streams/);
+                                     # its reads count as bytes_read, live,
+                                     # unless reads_source=False (a copy)
     ctx.register_location(url, validation_data)   # clone, direct plans
     ctx.source_released()            # the disk is no longer needed
     ctx.add_scratch_bytes(n)         # truthful scratch accounting
-    ctx.add_bytes_read(n)
+    ctx.add_bytes_read(n)            # reads not made through upload()
     ctx.check_cancelled()            # while waiting on a helper
     ctx.track(kind, ref)             # before creating a resource
     ctx.handed_over(kind, ref, to, **details)   # someone else owns it now
@@ -123,8 +125,13 @@ class PlanContext(abc.ABC):
         self.scratch_bytes = 0
 
     @abc.abstractmethod
-    def upload(self, stream, disk_format, store=None):
-        """Consume the image stream to its end as the image's data."""
+    def upload(self, stream, disk_format, store=None, reads_source=True):
+        """Consume the image stream to its end as the image's data.
+
+        :param reads_source: the stream reads the source disk, so its
+            ``bytes_read`` are the job's (counted while it runs, for
+            progress); false for a stream of a scratch copy.
+        """
 
     @abc.abstractmethod
     def register_location(self, url, validation_data=None):
@@ -234,7 +241,6 @@ class StreamPlan(Plan):
         try:
             ctx.upload(stream, self.target_format)
         finally:
-            ctx.add_bytes_read(stream.bytes_read)
             stream.close()
         ctx.source_released()
 

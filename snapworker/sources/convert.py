@@ -101,7 +101,8 @@ class ConvertPlan(base.Plan):
         ctx.source_released()
         chunk = self._conf.worker.chunk_size
         with passthrough.FileStream(copy, chunk) as stream:
-            ctx.upload(stream, self.target_format)
+            # The copy's reads are not the disk's: qemu-img's were.
+            ctx.upload(stream, self.target_format, reads_source=False)
 
     def cleanup(self):
         workdir, self._workdir = self._workdir, None

@@ -138,10 +138,7 @@ class DirectPlan(base.Plan):
         digest = streams_digest.BackgroundDigest(conf.glance.hash_algorithm)
         try:
             with self._open_view() as view:
-                try:
-                    self._copy(view, image, digest, ctx)
-                finally:
-                    ctx.add_bytes_read(view.bytes_read)
+                self._copy(view, image, digest, ctx)
             image.finish()
             md5, value = digest.finish()
         finally:
@@ -158,22 +155,29 @@ class DirectPlan(base.Plan):
                                bytes_written=image.bytes_written)
 
     def _copy(self, view, image, digest, ctx):
-        """Every byte to the digest, every non-zero piece to the image."""
+        """Every byte to the digest, every non-zero piece to the image;
+        the view's reads counted as they happen (``snapworker jobs``)."""
         chunk = self._conf.worker.chunk_size
         zeros = bytes(chunk)
         throttle = hostio.Throttle(
             self._conf.worker.max_read_bytes_per_second)
         extents = checked_extents(view, self._virtual_size)
-        for offset, length, data in streams_generated.placed_pieces(
-                view, extents, chunk):
-            ctx.check_cancelled()
-            if data is None:
-                _digest_zeros(digest, zeros, length)
-                continue
-            throttle(length)
-            digest.update(data)
-            if data != (zeros if length == chunk else bytes(length)):
-                image.write(offset, data)
+        counted = 0
+        try:
+            for offset, length, data in streams_generated.placed_pieces(
+                    view, extents, chunk):
+                ctx.check_cancelled()
+                ctx.add_bytes_read(view.bytes_read - counted)
+                counted = view.bytes_read
+                if data is None:
+                    _digest_zeros(digest, zeros, length)
+                    continue
+                throttle(length)
+                digest.update(data)
+                if data != (zeros if length == chunk else bytes(length)):
+                    image.write(offset, data)
+        finally:
+            ctx.add_bytes_read(view.bytes_read - counted)
 
     def cleanup(self):
         """Remove the RBD image unless Glance owns it; close Ceph.

@@ -326,7 +326,6 @@ class RbdStreamPlan(_SourceSnapshotMixin, base.Plan):
         try:
             ctx.upload(stream, self.target_format, store=self._store_id)
         finally:
-            ctx.add_bytes_read(stream.bytes_read)
             stream.close()
 
     def cleanup(self):

@@ -22,14 +22,18 @@ class WriteContext(base.PlanContext):
         self._out = out
         self.bytes_out = 0
 
-    def upload(self, stream, disk_format, store=None):
-        while True:
-            data = stream.read(units.Mi)
-            if not data:
-                break
-            self._out.write(data)
-            self.bytes_out += len(data)
-        self._out.flush()
+    def upload(self, stream, disk_format, store=None, reads_source=True):
+        try:
+            while True:
+                data = stream.read(units.Mi)
+                if not data:
+                    break
+                self._out.write(data)
+                self.bytes_out += len(data)
+            self._out.flush()
+        finally:
+            if reads_source:
+                self.add_bytes_read(stream.bytes_read)
 
     def register_location(self, url, validation_data=None):
         raise exception.UnsupportedDisk(

@@ -54,6 +54,8 @@ class FakeImageService:
 
     ``upload_gate``, when set, makes every upload wait for it: the tests
     use it to hold jobs running while they look at the queue.
+    ``mid_upload_gate`` makes an upload wait for it after its first chunk,
+    once it has set ``mid_upload``: a job caught while its data moves.
     """
 
     def __init__(self):
@@ -61,6 +63,8 @@ class FakeImageService:
         self.uploads = []
         self.deleted = []
         self.upload_gate = None
+        self.mid_upload_gate = None
+        self.mid_upload = threading.Event()
         self.lock = threading.Lock()
 
     def create(self, image_id, status='queued', owner=PROJECT):
@@ -88,6 +92,9 @@ class FakeImageService:
             if not data:
                 break
             chunks.append(data)
+            if self.mid_upload_gate is not None and len(chunks) == 1:
+                self.mid_upload.set()
+                self.mid_upload_gate.wait(10)
         with self.lock:
             self.uploads.append(image_id)
         image = self.images[image_id]

@@ -377,6 +377,24 @@ class ManagerTestCase(testtools.TestCase):
             admin, running)['cancelled'])
 
 
+    def test_a_running_stream_reports_its_reads_as_they_happen(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.images.mid_upload_gate = gate
+        # Raw to raw: the stream reads the disk's data and nothing else.
+        _, image = self._request(self._disk(fmt='raw', size='8M'))
+        self.assertTrue(self.images.mid_upload.wait(10))
+        admin = o_context.RequestContext(user_id='ops', project_id='p',
+                                         roles=['admin'])
+        [job] = self.manager.get_status(admin)['jobs']
+        self.assertEqual(image, job['image_id'])
+        self.assertGreater(job['bytes_read'], 0)
+        gate.set()
+        end = self._events_until_final()[-1][1]
+        # Counted once: what the disk holds (1 MiB written), not twice.
+        self.assertEqual(1024 * 1024, end['bytes_read'])
+
+
 class PlanTestCase(ManagerTestCase):
     """``plan_snapshot`` (RPC 1.2): a snapshot's checks and choice, no I/O
     on data, nothing created, nothing sent on the notification bus."""

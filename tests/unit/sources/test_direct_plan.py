@@ -140,7 +140,7 @@ class _Context(base.PlanContext):
         if self.fail_on == call[0]:
             raise exception.SourceChanged(what='test')
 
-    def upload(self, body, disk_format, store=None):
+    def upload(self, stream, disk_format, store=None, reads_source=True):
         raise AssertionError('a direct plan uploads nothing')
 
     def register_location(self, url, validation_data=None):
