@@ -264,7 +264,11 @@ class Bench:
                 conf, host=host, state=self.services,
                 instances_path=instances, scratch_dir=scratch,
                 glance_url=self.services['glance_noauth_url'],
+                # The unauthenticated Glance does not describe its stores
+                # (an admin-only call): name the rbd store and its pool.
                 extra={'rbd.flatten': policy,
+                       'rbd.glance_store': 'ceph',
+                       'rbd.glance_pool': 'images',
                        'worker.active_timeout': '900'})
             worker = benchkit.WorkerProcess(
                 conf, os.path.join(top, 'worker.log')).start()
