@@ -3,10 +3,12 @@
 Credentials come from ``clouds.yaml`` (``--os-cloud`` / ``OS_CLOUD``), the
 ``OS_*`` variables and the ``--os-*`` options, through openstacksdk's
 ``openstack.config`` (the loader python-openstackclient uses) and
-keystoneauth1's argparse options. The session they give authenticates
-once; the request context the worker receives is that session's: its
-token, user, project, roles and the Image service entry of its catalog
-(``identity.context_from_access``). Glance is reached through the same session.
+keystoneauth1's argparse options; an ``--os-*`` option (or its ``OS_*``
+variable) wins over the same setting in ``clouds.yaml``. The session they
+give authenticates once; the request context the worker receives is that
+session's: its token, user, project, roles and the Image service entry
+of its catalog (``identity.context_from_access``). Glance is reached
+through the same session.
 
 ``--os-auth-type none`` (or ``noauth``) is the only other way, for a
 development Glance without Keystone (``[glance] auth_strategy = noauth``
@@ -83,7 +85,7 @@ def load(config, args, conf):
     if _is_noauth(getattr(args, 'os_auth_type', None)):
         return _noauth(args, conf)
     try:
-        cloud = config.get_one(argparse=args)
+        cloud = cloud_region(config, args)
         if _is_noauth(cloud.config.get('auth_type')):
             return _noauth(args, conf)
         session = cloud.get_session()
@@ -96,6 +98,31 @@ def load(config, args, conf):
         'region_name': cloud.get_region_name('image'),
         'endpoint_override': cloud.get_endpoint('image')})
     return Identity(context, images)
+
+
+def cloud_region(config, args):
+    """The ``CloudRegion`` of ``args``, ``--os-*`` auth options first.
+
+    openstacksdk keeps a cloud's ``auth:`` values over the same values
+    given as arguments (``--os-cloud c --os-password p`` would still use
+    the password of ``clouds.yaml``); every auth option of the chosen
+    auth type that was given is therefore passed again as ``auth``, which
+    openstacksdk merges over the cloud's.
+    """
+    from keystoneauth1 import loading
+
+    first = config.get_one(argparse=args, validate=False)
+    try:
+        loader = loading.get_plugin_loader(
+            first.config.get('auth_type') or 'password')
+    except ks_exc.NoMatchingPlugin:
+        return config.get_one(argparse=args)
+    given = {}
+    for opt in loader.get_options():
+        value = getattr(args, f'os_{opt.dest}', None)
+        if value is not None:
+            given[opt.dest] = value
+    return config.get_one(argparse=args, auth=given)
 
 
 def _sdk_errors():

@@ -74,6 +74,7 @@ class OperatorCliCloudTest(base.CloudTestCase):
         with open(self.cloud["clouds_yaml"]) as f:
             clouds = json.load(f)
         member = clouds["clouds"][openstack.PREFIX]
+        right = member["auth"]["password"]
         member["auth"]["password"] = "wrong"
         path = os.path.join(self.useFixture(
             fixtures.TempDir()).path, "clouds.yaml")
@@ -91,3 +92,12 @@ class OperatorCliCloudTest(base.CloudTestCase):
         self.assertEqual((4, ""), (proc.returncode, proc.stdout),
                          proc.stderr)
         self.assertIn("401", proc.stderr)
+        # The right password on the command line wins over the file's:
+        # authenticated, the worker answers (no such instance: exit 1).
+        proc = subprocess.run(
+            [CLI, "--config-file", self.cloud["worker_conf"],
+             "--os-cloud", "wrong", "--os-password", right, "plan",
+             "00000000-0000-0000-0000-000000000000", "--host", self.host()],
+            env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(1, proc.returncode, proc.stderr)
+        self.assertIn("InstanceNotFound", proc.stderr)

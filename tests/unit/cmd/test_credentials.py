@@ -1,8 +1,10 @@
 """Credentials to request context: what the worker receives."""
 
 import argparse
+import os
 from unittest import mock
 
+import fixtures
 import testtools
 from keystoneauth1 import access
 from keystoneauth1 import fixture as ks_fixture
@@ -109,3 +111,47 @@ class NoauthModeTest(testtools.TestCase):
             CONF, identity.context, session=session,
             adapter={'interface': 'public', 'region_name': 'RegionOne',
                      'endpoint_override': None})
+
+
+class CloudsYamlOverrideTest(testtools.TestCase):
+    """``--os-*`` options win over ``clouds.yaml`` (openstacksdk alone
+    keeps the file's ``auth:`` values)."""
+
+    def setUp(self):
+        super().setUp()
+        tmp = self.useFixture(fixtures.TempDir()).path
+        path = os.path.join(tmp, 'clouds.yaml')
+        with open(path, 'w') as f:
+            f.write('clouds:\n'
+                    '  c:\n'
+                    '    auth:\n'
+                    '      auth_url: http://keystone.example/v3\n'
+                    '      username: alice\n'
+                    '      password: from-yaml\n'
+                    '      project_name: demo\n'
+                    '      user_domain_name: Default\n'
+                    '      project_domain_name: Default\n')
+        self.useFixture(fixtures.EnvironmentVariable(
+            'OS_CLIENT_CONFIG_FILE', path))
+        for name in [n for n in os.environ if n.startswith('OS_')
+                     and n != 'OS_CLIENT_CONFIG_FILE']:
+            self.useFixture(fixtures.EnvironmentVariable(name))
+
+    def _auth(self, *argv):
+        argv = ['--os-cloud', 'c', *argv]
+        parser = argparse.ArgumentParser()
+        config = credentials.register_arguments(parser, argv)
+        args = parser.parse_args(argv)
+        return credentials.cloud_region(config, args).config['auth']
+
+    def test_an_option_given_wins(self):
+        auth = self._auth('--os-password', 'from-args',
+                          '--os-project-name', 'other')
+        self.assertEqual(('from-args', 'other', 'alice'),
+                         (auth['password'], auth['project_name'],
+                          auth['username']))
+
+    def test_the_file_is_used_for_what_is_not_given(self):
+        auth = self._auth()
+        self.assertEqual(('from-yaml', 'demo'),
+                         (auth['password'], auth['project_name']))
