@@ -307,6 +307,19 @@ class ImageService:
                     status=f'{status} after {timeout} s')
             time.sleep(interval)
 
+    def add_member(self, image_id, member_id):
+        """Share the image with project ``member_id``, as Nova shares an
+        admin's snapshot of another project's instance with that project.
+
+        Not retried: a repeated create of the same member is refused.
+        """
+        try:
+            self._client.image_members.create(image_id, member_id)
+        except glance_exc.HTTPNotFound as e:
+            raise exception.ImageNotFound(image_id=image_id) from e
+        except _GLANCE_ERRORS as e:
+            raise _glance_error(image_id, e) from e
+
     def delete(self, image_id, retries=True):
         """Delete the image, as Nova does for a failed snapshot.
 

@@ -233,13 +233,24 @@ def snapshot_image_fields(name, instance_uuid, context, plan, inherited):
     })
     if plan.get('base_image_ref'):
         properties['base_image_ref'] = plan['base_image_ref']
-    visibility = 'private'
-    if owner != context.project_id:
-        # An admin's snapshot of another project's instance: Nova makes
-        # it shared and names the instance's project.
-        visibility = 'shared'
-        properties['instance_owner'] = owner
+    # An admin's snapshot of another project's instance is shared (with
+    # that project: ``instance_member``), as Nova makes it.
+    visibility = ('private' if instance_member(context, plan) is None
+                  else 'shared')
     return dict(properties, name=name, visibility=visibility)
+
+
+def instance_member(context, plan):
+    """The project to share the new image with, or None.
+
+    Nova's API, for a snapshot of another project's instance (an admin's):
+    the instance's project becomes a member of the image (the
+    ``instance_owner`` Nova passes to its Glance client, which adds the
+    member and does not store the property), so that the instance's owner
+    sees the snapshot of their instance.
+    """
+    owner = plan.get('instance_owner')
+    return owner if owner and owner != context.project_id else None
 
 
 def _plan_first(args):
@@ -272,10 +283,20 @@ def _create_image(args, plan):
         args.identity.context, plan,
         _inherited_properties(images, plan.get('base_image_ref')))
     try:
-        return images.create(**fields)['id']
+        image_id = images.create(**fields)['id']
     except exception.SnapshotError as e:
         raise _Failure(f'Cannot create the image: {e}',
                        EXIT_CREDENTIALS) from e
+    member = instance_member(args.identity.context, plan)
+    if member is not None:
+        try:
+            images.add_member(image_id, member)
+        except exception.SnapshotError as e:
+            images.delete(image_id)
+            raise _Failure(f'Cannot share image {image_id} with the '
+                           f'instance\'s project {member} (the image is '
+                           f'deleted): {e}', EXIT_CREDENTIALS) from e
+    return image_id
 
 
 def _follow(sub, render, timeout):

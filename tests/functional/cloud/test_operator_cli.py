@@ -70,6 +70,32 @@ class OperatorCliCloudTest(base.CloudTestCase):
                                         self.disk_path(server_id))
         self.assertTrue(same, out)
 
+    def test_admin_snapshot_is_shared_with_the_instances_project(self):
+        """As Nova's API makes an admin's snapshot of another project's
+        server: owned by the admin's project, shared with the server's,
+        whose member sees it."""
+        server_id = self.boot("cli-admin", stopped=True)
+        code, lines, err = self.snapworker(
+            "snapshot", server_id, "--host", self.host(), "--name",
+            "cli-admin", admin=True)
+        self.assertEqual(0, code, err)
+        image_id = lines[-1]["payload"]["image_id"]
+        self.addCleanup(self.cli, "image", "delete", image_id,
+                        json_out=False, check=False, admin=True)
+        admin_project, member_project = (
+            self.cli("project", "show", name, admin=True)["id"]
+            for name in ("admin", openstack.MEMBER["project"]))
+        image = self.cli("image", "show", image_id, admin=True)
+        self.assertEqual(("active", "shared", admin_project),
+                         (image["status"], image["visibility"],
+                          image["owner"]))
+        self.assertNotIn("instance_owner", image["properties"])
+        members = self.cli("image", "member", "list", image_id, admin=True)
+        self.assertEqual([member_project],
+                         [m["Member ID"] for m in members])
+        # The server's owner sees the snapshot of their server.
+        self.assertEqual(image_id, self.cli("image", "show", image_id)["id"])
+
     def test_wrong_password_is_a_credentials_error(self):
         with open(self.cloud["clouds_yaml"]) as f:
             clouds = json.load(f)
@@ -93,11 +119,12 @@ class OperatorCliCloudTest(base.CloudTestCase):
                          proc.stderr)
         self.assertIn("401", proc.stderr)
         # The right password on the command line wins over the file's:
-        # authenticated, the worker answers (no such instance: exit 1).
+        # authenticated, the worker answers (no such instance: refused,
+        # exit 1, the plan's answer on stdout).
         proc = subprocess.run(
             [CLI, "--config-file", self.cloud["worker_conf"],
              "--os-cloud", "wrong", "--os-password", right, "plan",
              "00000000-0000-0000-0000-000000000000", "--host", self.host()],
             env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(1, proc.returncode, proc.stderr)
-        self.assertIn("InstanceNotFound", proc.stderr)
+        self.assertIn("refused: InstanceNotFound", proc.stdout)

@@ -31,12 +31,18 @@ class SnapshotImageFieldsTest(testtools.TestCase):
             'os_distro': 'debian'}, fields)
 
     def test_admin_snapshot_of_another_project_is_shared(self):
-        fields = cli.snapshot_image_fields(
-            'n', INSTANCE, self.context, {'instance_owner': 'p2'}, {})
-        self.assertEqual(('shared', 'p2', 'p2'),
-                         (fields['visibility'], fields['instance_owner'],
-                          fields['owner_id']))
+        plan = {'instance_owner': 'p2'}
+        fields = cli.snapshot_image_fields('n', INSTANCE, self.context,
+                                           plan, {})
+        self.assertEqual(('shared', 'p2'),
+                         (fields['visibility'], fields['owner_id']))
+        # Shared with the instance's project as a member; Nova does not
+        # store instance_owner as a property.
+        self.assertEqual('p2', cli.instance_member(self.context, plan))
+        self.assertNotIn('instance_owner', fields)
         self.assertNotIn('base_image_ref', fields)
+        self.assertIsNone(cli.instance_member(self.context,
+                                              {'instance_owner': 'p1'}))
 
     def test_an_old_worker_gives_no_plan(self):
         fields = cli.snapshot_image_fields('n', INSTANCE, self.context, {},
