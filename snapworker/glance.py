@@ -311,10 +311,14 @@ class ImageService:
         """Share the image with project ``member_id``, as Nova shares an
         admin's snapshot of another project's instance with that project.
 
-        Not retried: a repeated create of the same member is refused.
+        Retried on connection failures; a member that exists already (a
+        retry of a create whose answer was lost) is success.
         """
         try:
-            self._client.image_members.create(image_id, member_id)
+            self._retrying(self._client.image_members.create, image_id,
+                           member_id)
+        except glance_exc.HTTPConflict:
+            pass
         except glance_exc.HTTPNotFound as e:
             raise exception.ImageNotFound(image_id=image_id) from e
         except _GLANCE_ERRORS as e:

@@ -372,25 +372,31 @@ class Record:
         """The job ended: remove the record unless something is pending.
 
         Pending are the resources background work holds (recovery resumes
-        it) and the job's own resources in ``keep``: what its cleanup
-        could not remove (recovery removes them).
+        it) and the resources in ``keep``: what the job's cleanup could
+        not remove, the job's again even if it had been handed to Glance
+        (a registration that failed), for recovery to remove.
 
         :param keep: ``[(kind, ref)]``, or ``EVERYTHING`` the job owned.
+        :returns: whether the record is as asked on disk (written, or
+            removed when nothing is pending); a failure is logged.
         """
-        kept = None if keep is EVERYTHING else {tuple(k) for k in keep}
+        kept = set() if keep is EVERYTHING else {tuple(k) for k in keep}
 
         def pending(entry):
+            if (entry['kind'], entry['ref']) in kept:
+                entry['owner'] = JOB
+                return True
             if entry.get('owner') == JOB:
-                return kept is None or (entry['kind'], entry['ref']) in kept
+                return keep is EVERYTHING
             return entry.get('owner') != GLANCE
 
         with self._lock:
             if not self._written:
-                return
+                return True
             self.data['finished'] = True
             self.data['resources'] = [
                 e for e in self.data['resources'] if pending(e)]
-            self._persist_quietly()
+            return self._persist_quietly()
 
     # -- recovery's side ---------------------------------------------------
 
@@ -432,7 +438,8 @@ class Record:
             self._persist_quietly()
 
     def _persist_quietly(self):
-        """Save, or remove once the job ended and nothing is pending."""
+        """Save, or remove once the job ended and nothing is pending;
+        return whether that worked (a failure is logged)."""
         try:
             if self.finished and not self.data['resources']:
                 self._journal.remove(self.image_id)
@@ -442,6 +449,8 @@ class Record:
         except OSError:
             LOG.exception('Could not update the journal record of image %s',
                           self.image_id)
+            return False
+        return True
 
     def _save(self):
         try:
@@ -558,13 +567,17 @@ class Recovery:
                 record.mark_reported()
             if failed or (status is None and not pending):
                 return False
-        elif self._undo_owned(record, None)[1]:
-            # A job that ended but could not remove all it made: the
-            # error it reported named these; only the removal is left.
-            return False
+            resumed = self._resume_background(record)
+            record.finish()
+            return resumed
+        # A job that ended and could not remove all it made (its ending
+        # named these): only their removal is left, beside its background
+        # work, which is resumed whatever the removal does.
+        failed = self._undo_owned(record, None)[1]
         resumed = self._resume_background(record)
-        record.finish()
-        return resumed
+        if not failed:
+            record.finish()
+        return resumed and not failed
 
     def _settle_image(self, record):
         """'active' (kept), 'deleted', the status of an image left alone,

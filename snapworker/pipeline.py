@@ -370,9 +370,6 @@ class SnapshotJob(sources_base.PlanContext):
             code, message = 'InternalError', f'{type(error).__name__}: {error}'
             LOG.error('Snapshot of %s into image %s failed',
                       self.instance_uuid, self.image_id, exc_info=error)
-        if leftovers:
-            message += ' ' + _leftovers_sentence(leftovers,
-                                                 self._record is not None)
         try:
             if self._owns_image:
                 self._delete_image(error)
@@ -381,7 +378,9 @@ class SnapshotJob(sources_base.PlanContext):
         except Exception:
             LOG.exception('Deleting image %s failed', self.image_id)
         self.payload.duration_seconds = self._elapsed()
-        self._end_record(leftovers)
+        journalled = self._end_record(leftovers)
+        if leftovers:
+            message += ' ' + _leftovers_sentence(leftovers, journalled)
         if getattr(error, 'refusal', False) and not self._owns_image:
             self._emitter.refused(code, message)
         else:
@@ -427,13 +426,18 @@ class SnapshotJob(sources_base.PlanContext):
         Nothing may keep the final event from being sent; a record that
         could not be closed is recovered at the next start, and so are
         the ``leftovers`` it keeps.
+
+        :returns: whether the record says what it should (False without
+            a journal).
         """
-        if self._record is not None:
-            try:
-                self._record.finish(keep=leftovers)
-            except Exception:
-                LOG.exception('Could not close the journal record of image '
-                              '%s', self.image_id)
+        if self._record is None:
+            return False
+        try:
+            return self._record.finish(keep=leftovers)
+        except Exception:
+            LOG.exception('Could not close the journal record of image %s',
+                          self.image_id)
+            return False
 
     def _elapsed(self):
         return round(self._clock() - self._started, 3)

@@ -291,11 +291,15 @@ def _create_image(args, plan):
     if member is not None:
         try:
             images.add_member(image_id, member)
-        except exception.SnapshotError as e:
-            images.delete(image_id)
-            raise _Failure(f'Cannot share image {image_id} with the '
-                           f'instance\'s project {member} (the image is '
-                           f'deleted): {e}', EXIT_CREDENTIALS) from e
+        except Exception as e:
+            # Not the instance owner's to see: it must not stay.
+            gone = images.delete(image_id)
+            raise _Failure(
+                f'Cannot share image {image_id} with the instance\'s '
+                f'project {member}: {e}. ' + (
+                    'The image is deleted.' if gone else
+                    'Glance did not confirm its deletion: delete it.'),
+                EXIT_CREDENTIALS) from e
     return image_id
 
 

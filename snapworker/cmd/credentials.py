@@ -107,7 +107,8 @@ def cloud_region(config, args):
     given as arguments (``--os-cloud c --os-password p`` would still use
     the password of ``clouds.yaml``); every auth option of the chosen
     auth type that was given is therefore passed again as ``auth``, which
-    openstacksdk merges over the cloud's.
+    openstacksdk merges over the cloud's. An option still at its plugin
+    default counts as not given (argparse holds the default either way).
     """
     from keystoneauth1 import loading
 
@@ -120,7 +121,7 @@ def cloud_region(config, args):
     given = {}
     for opt in loader.get_options():
         value = getattr(args, f'os_{opt.dest}', None)
-        if value is not None:
+        if value is not None and value != opt.default:
             given[opt.dest] = value
     return config.get_one(argparse=args, auth=given)
 

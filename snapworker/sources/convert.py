@@ -81,12 +81,13 @@ class ConvertPlan(base.Plan):
         workdir = os.path.join(os.path.abspath(scratch_dir),
                                SCRATCH_PREFIX + ctx.image_id)
         ctx.track(base.SCRATCH_DIR, workdir)
+        # Cleanup's from here on, even if what follows fails half-way.
+        self._workdir = workdir
         os.makedirs(scratch_dir, exist_ok=True)
         # Only a job for the same image can have made it, and the journal
         # lets one such job run at a time: what is there is a leftover.
         shutil.rmtree(workdir, ignore_errors=True)
         os.mkdir(workdir, 0o700)
-        self._workdir = workdir
         copy = os.path.join(workdir, f'image.{self.target_format}')
         rate = self._conf.worker.max_read_bytes_per_second
         spec = self._source.pinned.qemu_spec(

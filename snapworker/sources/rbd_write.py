@@ -112,9 +112,17 @@ class GlanceRbdImage:
                     reason=f'Glance\'s store is in cluster {fsid}, the '
                            f'worker reaches {self._fsid}')
             self._ioctx = self._conn.open_ioctx(self.ref.pool)
-            rbd.RBD().create(self._ioctx, self.ref.image, size, order,
-                             old_format=False,
-                             features=default_features(self._conn))
+            try:
+                rbd.RBD().create(self._ioctx, self.ref.image, size, order,
+                                 old_format=False,
+                                 features=default_features(self._conn))
+            except rbd.ImageExists:
+                raise  # not this object's to remove
+            except Exception:
+                # It may exist all the same (a reply lost to a timeout):
+                # the removal, which tolerates its absence, must try.
+                self._created = True
+                raise
             self._created = True
             self._size = size
             self._image = rbd.Image(self._ioctx, self.ref.image)

@@ -100,9 +100,10 @@ class ReflinkPlan(base.Plan):
         pinned = self._source.pinned
         workdir = os.path.join(_parent(self._conf), PREFIX + ctx.image_id)
         ctx.track(base.REFLINK_DIR, workdir)
+        # Cleanup's from here on, even if what follows fails half-way.
+        self._workdir = workdir
         shutil.rmtree(workdir, ignore_errors=True)
         os.mkdir(workdir, 0o700)
-        self._workdir = workdir
         path = os.path.join(workdir, 'disk')
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o600)

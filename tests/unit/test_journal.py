@@ -111,6 +111,18 @@ class RecordTestCase(JournalTestCase):
         self.assertEqual([{'kind': 'rbd_snapshot', 'ref': SNAP,
                            'owner': 'job'}], data['resources'])
 
+    def test_a_failed_registration_left_behind_is_the_jobs_again(self):
+        # Handed to Glance, then the registration failed and so did the
+        # removal: no image owns it, the next start must remove it.
+        record = self._record()
+        record.begin()
+        record.track(base.RBD_IMAGE, CLONE)
+        record.handed_over(base.RBD_IMAGE, CLONE, to=base.GLANCE)
+        self.assertTrue(record.finish(keep=[(base.RBD_IMAGE, CLONE)]))
+        self.assertEqual([{'kind': 'rbd_image', 'ref': CLONE,
+                           'owner': 'job'}],
+                         self._on_disk(record)['resources'])
+
     def test_a_cleanup_that_said_nothing_keeps_all_the_job_owned(self):
         record = self._record()
         record.begin()
@@ -345,6 +357,25 @@ class RecoveryTestCase(JournalTestCase):
         # The job reported its own ending: no image touched, no report.
         self.assertEqual([], self.images.contexts)
         self.assertEqual([], self.reports)
+
+    def test_background_work_resumed_while_a_leftover_stays(self):
+        record = self._record()
+        record.begin()
+        record.claim_image()
+        record.track(base.RBD_IMAGE, CLONE)
+        record.handed_over(base.GLANCE_IMAGE, record.image_id,
+                           to=base.REAPER)
+        record.finish(keep=[(base.RBD_IMAGE, CLONE)])
+        self.undo_errors[CLONE] = OSError('cluster unreachable')
+        self.assertEqual(1, self._recover())
+        # The reaper goes on (Glance's image) although Ceph is down.
+        self.assertEqual([('reaper', record.image_id)],
+                         [(o, r) for o, r, _ in self.resumed])
+        self.resumed[0][2]()  # the reaper is done
+        self.assertEqual([record.image_id + '.json'], self._files())
+        self.assertEqual(0, self._recover())
+        self.assertEqual([CLONE], self.undone)
+        self.assertEqual([], self._files())
 
     def test_unregistered_clone_removed_before_its_snapshot(self):
         self._interrupted_clone(registered=False)

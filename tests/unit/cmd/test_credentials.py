@@ -151,6 +151,22 @@ class CloudsYamlOverrideTest(testtools.TestCase):
                          (auth['password'], auth['project_name'],
                           auth['username']))
 
+    def test_a_plugin_default_does_not_override_the_file(self):
+        # argparse holds v3websso's redirect_port default (9990) whether
+        # given or not: the file's value stays.
+        self.useFixture(fixtures.EnvironmentVariable('OS_AUTH_TYPE'))
+        path = os.environ['OS_CLIENT_CONFIG_FILE']
+        with open(path, 'w') as f:
+            f.write('clouds:\n'
+                    '  c:\n'
+                    '    auth_type: v3websso\n'
+                    '    auth:\n'
+                    '      auth_url: http://keystone.example/v3\n'
+                    '      identity_provider: idp\n'
+                    '      protocol: saml2\n'
+                    '      redirect_port: 8080\n')
+        self.assertEqual(8080, int(self._auth()['redirect_port']))
+
     def test_the_file_is_used_for_what_is_not_given(self):
         auth = self._auth()
         self.assertEqual(('from-yaml', 'demo'),
