@@ -42,8 +42,10 @@ class FileSource(chain.PinnedSource):
 
         A guest suspended for the snapshot (``release_first``) resumes
         sooner after a local copy than after a whole upload: an instant
-        reflink copy where the instances path allows it (``reflink.py``),
-        else the convert plan, Nova's way, chosen for that reason.
+        reflink copy where the instances path allows it (``reflink.py``;
+        the copy is then written directly or streamed, as the disk itself
+        would be), else the convert plan, Nova's way, chosen for that
+        reason.
 
         ============================  =======  ============================
         source                        target   image stream
@@ -61,19 +63,21 @@ class FileSource(chain.PinnedSource):
         ============================  =======  ============================
 
         A suspended guest still gets its reflink or convert plan first:
-        the direct write, like a stream, holds the disk until it is read.
+        the direct write, like a stream, holds the disk until it is read
+        (after a reflink copy it reads the copy instead).
         """
         if target_format == 'qcow2' and self._conf.worker.compress_qcow2:
             return convert.compressed_plan(self, self._conf)
         if release_first:
             if reflink.supported(self._conf):
-                return reflink.ReflinkPlan(target_format, self, self._conf)
+                return reflink.ReflinkPlan(target_format, self, self._conf,
+                                           store, store_id)
             return convert.release_first_plan(target_format, self,
                                               self._conf)
         pinned = self.pinned
         return self.direct_plan(
             target_format, store, store_id,
-            lambda: self._raw_view(pinned)) or self.stream_plan(
+            lambda: self.raw_view(pinned)) or self.stream_plan(
                 pinned, target_format)
 
     def stream_plan(self, pinned, target_format):
@@ -97,12 +101,13 @@ class FileSource(chain.PinnedSource):
                       f'through a read-only qemu-nbd export')
         return base.StreamPlan(
             target_format, reason,
-            lambda: streams.open_stream(self._raw_view(pinned),
+            lambda: streams.open_stream(self.raw_view(pinned),
                                         target_format, chunk))
 
-    def _raw_view(self, pinned):
-        """The guest content of ``pinned``: the file's own data map for
-        raw, the flattened chain through qemu-nbd otherwise."""
+    def raw_view(self, pinned):
+        """The guest content of ``pinned`` (this disk's chain, or a copy):
+        the file's own data map for raw, the flattened chain through
+        qemu-nbd otherwise."""
         if pinned.format == 'raw':
             return extents.RawFileView(pinned.top.proc_path,
                                        drop_cache=self.bypass_cache)

@@ -5,7 +5,9 @@ needs its disk. Where ``instances_path`` is on a filesystem that shares
 extents between files (XFS with ``reflink=1``, Btrfs), a ``FICLONE`` copy
 of the top of the chain is a point-in-time copy made in milliseconds,
 whatever the disk's size: the guest is released right after it, and the
-stream reads the copy (its backing files, Nova's ``_base``, never change).
+plan the disk itself would get reads the copy (its backing files, Nova's
+``_base``, never change): the direct write into Glance's RBD pool when it
+applies, else the stream.
 No data is copied: the copy shares every block with the disk until the
 resumed guest writes, and only the blocks it rewrites cost space. The
 payload reports those shared bytes (``shared_bytes``) apart from
@@ -17,6 +19,7 @@ journalled before it is made, removed by ``cleanup`` or, after a crash,
 by ``remove_leftover``.
 """
 
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -81,20 +84,34 @@ def remove_leftover(conf, path):
 
 
 class ReflinkPlan(base.Plan):
-    """Clone the top file, release the guest, stream the clone's chain."""
+    """Clone the top file, release the guest, then write the clone's
+    chain directly into Glance's RBD pool or stream it."""
 
     strategy = 'stream'
 
-    def __init__(self, target_format, source, conf):
-        """:param source: the inspected ``file.FileSource``."""
-        super().__init__(
-            target_format,
-            'guest suspended for the snapshot: released after an instant '
-            'reflink copy of its disk, which is then streamed')
+    def __init__(self, target_format, source, conf, stores=None,
+                 store_id=None):
+        """:param source: the inspected ``file.FileSource``.
+        :param stores: Glance's stores and the one asked for, as the
+            source's ``plan`` gets them: they decide the direct write.
+        """
         self._source = source
         self._conf = conf
         self._workdir = None
         self._copy = None
+        # The copy's plan, chosen now (its strategy is reported before it
+        # runs); its view opens the copy, which exists once it runs.
+        self._direct = source.direct_plan(
+            target_format, stores, store_id,
+            lambda: source.raw_view(self._copy))
+        then = 'streamed'
+        if self._direct is not None:
+            self.strategy = self._direct.strategy
+            then = f'written directly: {self._direct.reason}'
+        super().__init__(
+            target_format,
+            f'guest suspended for the snapshot: released after an instant '
+            f'reflink copy of its disk, which is then {then}')
 
     def run(self, ctx):
         pinned = self._source.pinned
@@ -122,11 +139,17 @@ class ReflinkPlan(base.Plan):
                      f'the same backing files')
         # A point-in-time copy exists: the guest may run again.
         ctx.source_released()
-        self._source.stream_plan(copy, self.target_format).run(ctx)
+        inner = self._direct or self._source.stream_plan(
+            copy, self.target_format)
+        result = inner.run(ctx) or base.PlanResult()
         copy.verify_unchanged()
-        return base.PlanResult(shared_bytes=shared)
+        return dataclasses.replace(result, shared_bytes=shared)
 
     def cleanup(self):
+        if self._direct is not None:
+            # Its leftovers join this plan's (it never raises).
+            self._leftovers += [item for item in self._direct.cleanup()
+                                if item not in self._leftovers]
         copy, self._copy = self._copy, None
         if copy is not None:
             copy.close()

@@ -70,20 +70,7 @@ class DirectTestMixin(rbd_helpers.RbdTestMixin):
         with open(out, 'rb') as f:
             return f.read()
 
-
-class DirectWriteTest(DirectTestMixin, base.FunctionalTestCase):
-
-    worker_conf = DIRECT_CONF
-
-    def _snapshot(self, disk, fmt):
-        instance, _ = self.define_domain(path=disk, fmt=fmt)
-        image_id = self.create_image()
-        final = self.snapshot(instance, image_id, 'raw')[-1]
-        self.assertEqual(END, final.event_type,
-                         f'{final.payload}\n{self.worker.log_tail()}')
-        return image_id, final.payload
-
-    def _assert_image(self, image_id, payload, content):
+    def assert_direct_image(self, image_id, payload, content):
         """Active in ``ceph``, hashed as Glance would, thin, identical."""
         self.assertEqual(('direct', 'ceph', 'raw'),
                          (payload['strategy'], payload['store'],
@@ -114,6 +101,19 @@ class DirectWriteTest(DirectTestMixin, base.FunctionalTestCase):
                          self.data_objects(image_id))
         return image
 
+
+class DirectWriteTest(DirectTestMixin, base.FunctionalTestCase):
+
+    worker_conf = DIRECT_CONF
+
+    def _snapshot(self, disk, fmt):
+        instance, _ = self.define_domain(path=disk, fmt=fmt)
+        image_id = self.create_image()
+        final = self.snapshot(instance, image_id, 'raw')[-1]
+        self.assertEqual(END, final.event_type,
+                         f'{final.payload}\n{self.worker.log_tail()}')
+        return image_id, final.payload
+
     def test_nova_overlay_is_written_thin_and_hashed(self):
         base_disk = self.make_disk('_base/direct-base', 'raw', size='64M',
                                    writes=('write -P 0x11 0 8M',
@@ -125,7 +125,7 @@ class DirectWriteTest(DirectTestMixin, base.FunctionalTestCase):
                                      'write -P 0x33 63M 1M'))
         content = self.raw_bytes(top, 'qcow2')
         image_id, payload = self._snapshot(top, 'qcow2')
-        self._assert_image(image_id, payload, content)
+        self.assert_direct_image(image_id, payload, content)
         # 8 + 4 MiB of base data with 2 MiB zeroed, 4 + 1 MiB more.
         self.assertEqual(15 * MiB, payload['bytes_written'])
         self.assertTrue(base.images_identical(
@@ -141,7 +141,7 @@ class DirectWriteTest(DirectTestMixin, base.FunctionalTestCase):
                                       'write -P 0x55 20M 1M'))
         content = self.raw_bytes(disk, 'raw')
         image_id, payload = self._snapshot(disk, 'raw')
-        self._assert_image(image_id, payload, content)
+        self.assert_direct_image(image_id, payload, content)
         self.assertEqual(5 * MiB, payload['bytes_written'])
         # The allocated zeros were read (they are data to the file
         # system) but not written.

@@ -1,10 +1,11 @@
 """A suspended guest is released after an instant reflink copy.
 
-The class's instances path is a loop-mounted XFS made with reflink=1
+The classes' instances path is a loop-mounted XFS made with reflink=1
 (the root filesystem here is ext4, which cannot share extents). A guest
 that Nova suspended for the snapshot (a managed save) waits for its disk;
 the worker clones the top of its chain, releases it, and streams the
-clone. Beside it, the same disk on ext4 takes the convert plan.
+clone, or writes it directly into Glance's RBD pool when that is
+configured. Beside it, the same disk on ext4 takes the convert plan.
 """
 
 import os
@@ -15,11 +16,13 @@ from oslo_utils import units
 from snapworker import events
 from snapworker.conf import CONF
 from tests.functional import base
+from tests.functional.sources import test_direct
 
 MiB = units.Mi
 
 
-class ReflinkReleaseTest(base.FunctionalTestCase):
+class XfsInstancesMixin:
+    """Instances on a loop-mounted XFS with reflink=1; suspended guests."""
 
     @classmethod
     def prepare_instances_path(cls, path):
@@ -49,6 +52,13 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
         dom.managedSave(0)
         return expected, instance, dom, self.create_image()
 
+    def assertNoReflinkCopyLeft(self):
+        self.assertEqual([], [n for n in os.listdir(os.path.join(
+            self.instances_path, '.snapworker')) if n.startswith('reflink-')])
+
+
+class ReflinkReleaseTest(XfsInstancesMixin, base.FunctionalTestCase):
+
     def test_guest_released_after_a_reflink_copy(self):
         base_file = self.make_disk('_base/reflink', 'raw', size='256M',
                                    writes=('write -P 0x21 0 96M',))
@@ -74,8 +84,7 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
         # stream read the copy.
         self.assertTrue(base.images_identical(
             expected, self.download(image_id, 'raw')))
-        self.assertEqual([], [n for n in os.listdir(os.path.join(
-            self.instances_path, '.snapworker')) if n.startswith('reflink-')])
+        self.assertNoReflinkCopyLeft()
         self.assertNoScratchLeft()
 
     def test_disk_written_after_release_does_not_change_the_image(self):
@@ -99,3 +108,36 @@ class ReflinkReleaseTest(base.FunctionalTestCase):
                          final.payload)
         self.assertTrue(base.images_identical(
             expected, self.download(image_id, 'raw')))
+
+
+class ReflinkThenDirectTest(XfsInstancesMixin, test_direct.DirectTestMixin,
+                            base.FunctionalTestCase):
+    """With direct writes on, the released guest's copy goes straight
+    into Glance's RBD pool: no Glance ingest and no wait for it."""
+
+    worker_conf = test_direct.DIRECT_CONF
+
+    def test_released_then_the_copy_written_directly(self):
+        base_file = self.make_disk('_base/reflink-direct', 'raw',
+                                   size='64M',
+                                   writes=('write -P 0x31 0 8M',))
+        disk = self.make_disk('suspended-direct', 'qcow2', size='64M',
+                              backing=base_file,
+                              writes=('write -P 0x32 16M 4M',))
+        content = self.raw_bytes(disk, 'qcow2')
+        _, instance, _dom, image_id = self._suspended(disk)
+        events = self.snapshot(instance, image_id, 'raw')
+        released = [e for e in events
+                    if e.event_type == 'snapshot.source_released'][0]
+        end = events[-1].payload
+        self.assertEqual('snapshot.create.end', events[-1].event_type,
+                         f'{end}\n{self.worker.log_tail()}')
+        self.assertIn('reflink copy', end['plan_reason'])
+        # Released on the copy, before a byte was read.
+        self.assertEqual(0, released.payload['bytes_read'])
+        self.assertGreater(end['shared_bytes'], 0)
+        self.assert_direct_image(image_id, end, content)
+        # Only the data: 8 MiB in the base, 4 MiB in the overlay.
+        self.assertEqual(12 * MiB, end['bytes_written'])
+        self.assertNoReflinkCopyLeft()
+        self.assertNoScratchLeft()

@@ -117,6 +117,18 @@ class FileSourceDirectTestCase(testtools.TestCase):
         self.assertEqual('convert',
                          self._plan(release_first=True).strategy)
 
+    def test_after_a_reflink_copy_the_copy_is_written_directly(self):
+        self.useFixture(fixtures.MockPatch(
+            'snapworker.sources.reflink.supported', return_value=True))
+        plan = self._plan(release_first=True)
+        self.assertEqual(('direct', 'raw'),
+                         (plan.strategy, plan.target_format))
+        self.assertIn('reflink copy', plan.reason)
+        self.assertIn('rbd pool images', plan.reason)
+        # No rbd store: the copy is streamed.
+        self.assertEqual('stream', self._plan(
+            release_first=True, stores=(FILE_STORE,)).strategy)
+
     def test_stores_asked_for_only_when_allowed(self):
         source = file_source.FileSource(self.path, 'raw', CONF)
         self.assertTrue(source.wants_glance_stores)
