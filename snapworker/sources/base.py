@@ -55,15 +55,15 @@ below, ``ref`` names one resource, e.g.::
 when it has finished with the resource. ``sources.remove_leftover`` and
 ``sources.resume_background`` are what recovery calls with these.
 
-and ``cleanup()`` undoes everything the plan created (scratch files, RBD
+A plan's ``cleanup()`` undoes everything it created (scratch files, RBD
 snapshots and clones). It is called after every run, successful or not, so
 it must be idempotent and keep what a successful run handed over (for
 example the clone that became the image's data). It never raises: each
 removal is one ``_remove`` step, isolated from the others, and it returns
 the ``(kind, ref)`` of every resource it could not remove. The pipeline
 keeps those in the job's journal record, so that the next start of the
-worker retries them; nothing the job created is forgotten while it
-still exists.
+worker retries them: what the job journalled is not forgotten while it
+may still exist.
 """
 
 import abc
