@@ -120,11 +120,12 @@ class OperatorCliCloudTest(base.CloudTestCase):
         self.assertIn("401", proc.stderr)
         # The right password on the command line wins over the file's:
         # authenticated, the worker answers (no such instance: refused,
-        # exit 1, the plan's answer on stdout).
+        # exit 1, the plan's answer on stdout, JSON when piped).
         proc = subprocess.run(
             [CLI, "--config-file", self.cloud["worker_conf"],
              "--os-cloud", "wrong", "--os-password", right, "plan",
              "00000000-0000-0000-0000-000000000000", "--host", self.host()],
             env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(1, proc.returncode, proc.stderr)
-        self.assertIn("refused: InstanceNotFound", proc.stdout)
+        self.assertEqual("InstanceNotFound",
+                         json.loads(proc.stdout)["error_code"])
