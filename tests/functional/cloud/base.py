@@ -209,6 +209,19 @@ class Observer:
         if not series or series[-1][1] != value:
             series.append((time.monotonic(), value))
 
+    def settle(self, timeout=120):
+        """Wait until the API shows no task state and the guest is back in
+        the state it started in: what follows the image going active
+        (Nova's compute manager clears the task state only after the
+        driver returns) takes longer on a loaded or emulated host."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.errors:
+            api, guest = list(self.api), list(self.guest)
+            if (api and api[-1][1][1] is None and guest
+                    and guest[-1][1] == guest[0][1]):
+                return
+            time.sleep(0.1)
+
     def close(self):
         self._done.set()
         for thread in self._threads:
@@ -374,7 +387,7 @@ class CloudTestCase(testtools.TestCase):
                 "server", "image", "create", "--wait", "--name", name,
                 server_id, check=check)
             # The last transitions after the image went active.
-            time.sleep(1)
+            observer.settle()
         finally:
             observer.close()
         self.assertEqual([], observer.errors)
