@@ -131,25 +131,24 @@ class ReflinkPlan(base.Plan):
             os.close(fd)
         self._copy = copy = chain.open_file_chain(
             path, pinned.format, self._conf.instances_path)
-        # The copy must be the same chain: the same backing files, pinned.
-        if [layer.identity for layer in copy.layers[1:]] != [
+        # The copy must be the same disk: the same size, the same backing
+        # files, pinned.
+        if copy.virtual_size != pinned.virtual_size or [
+                layer.identity for layer in copy.layers[1:]] != [
                 layer.identity for layer in pinned.layers[1:]]:
             raise exception.SourceChanged(
-                what=f'the reflink copy of {pinned.top.path} does not name '
-                     f'the same backing files')
+                what=f'the reflink copy of {pinned.top.path} is not the '
+                     f'same disk (size or backing files)')
         # A point-in-time copy exists: the guest may run again.
         ctx.source_released()
         inner = self._direct or self._source.stream_plan(
             copy, self.target_format)
-        result = inner.run(ctx) or base.PlanResult()
-        copy.verify_unchanged()
+        result = inner.run(CopyContext(ctx, copy)) or base.PlanResult()
         return dataclasses.replace(result, shared_bytes=shared)
 
     def cleanup(self):
-        if self._direct is not None:
-            # Its leftovers join this plan's (it never raises).
-            self._leftovers += [item for item in self._direct.cleanup()
-                                if item not in self._leftovers]
+        """The copy first (local, quick), then what the copy's plan made
+        (the direct write's RBD image, if it could not be registered)."""
         copy, self._copy = self._copy, None
         if copy is not None:
             copy.close()
@@ -157,4 +156,30 @@ class ReflinkPlan(base.Plan):
         if workdir:
             self._remove(base.REFLINK_DIR, workdir, remove_leftover,
                          self._conf, workdir)
+        if self._direct is not None:
+            # Its leftovers join this plan's (it never raises).
+            self._leftovers += [item for item in self._direct.cleanup()
+                                if item not in self._leftovers]
         return super().cleanup()
+
+
+class CopyContext:
+    """The job's context, as the plan that reads the copy sees it.
+
+    That plan says ``source_released`` once it has read its source (the
+    job's real release happened at the copy, so the job ignores it): here
+    the copy is checked unchanged first, before the plan registers or
+    finishes anything (the direct write registers its location after it).
+    Everything else is the job's.
+    """
+
+    def __init__(self, ctx, copy):
+        self._ctx = ctx
+        self._copy = copy
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def source_released(self):
+        self._copy.verify_unchanged()
+        self._ctx.source_released()

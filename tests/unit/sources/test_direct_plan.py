@@ -21,6 +21,7 @@ from snapworker.sources import ceph
 from snapworker.sources import direct
 from snapworker.sources import file as file_source
 from snapworker.sources import rbd_write
+from snapworker.sources import reflink
 from snapworker.streams import extents
 
 MiB = 1024 * 1024
@@ -317,6 +318,30 @@ class DirectPlanRunTestCase(testtools.TestCase):
         # Left for the journal to keep (the pipeline cleans up again).
         self.assertEqual([(base.RBD_IMAGE, str(_FakeImage.last.ref))],
                          plan.cleanup())
+
+    def test_a_changed_reflink_copy_is_never_registered(self):
+        # After a reflink release the direct plan reads the copy; the copy
+        # is checked before the location is registered, not after.
+        path, content = self._disk()
+        ctx = _Context()
+        copy = mock.Mock(**{'verify_unchanged.side_effect':
+                            exception.SourceChanged(what='the copy')})
+        plan = self._plan(lambda: extents.RawFileView(path), len(content))
+        self.assertRaises(exception.SourceChanged, plan.run,
+                          reflink.CopyContext(ctx, copy))
+        self.assertEqual([], [c for c in ctx.calls
+                              if c[0] in ('source_released',
+                                          'register_location')])
+        self.assertTrue(_FakeImage.last.removed)
+        # Unchanged: released (the job ignores it), then registered.
+        copy.verify_unchanged.side_effect = None
+        ctx = _Context()
+        plan = self._plan(lambda: extents.RawFileView(path), len(content))
+        plan.run(reflink.CopyContext(ctx, copy))
+        plan.cleanup()
+        self.assertEqual(['source_released', 'handed_over',
+                          'register_location'],
+                         [c[0] for c in ctx.calls if c[0] != 'track'])
 
     def test_a_changed_source_removes_the_image(self):
         path, content = self._disk()
