@@ -207,6 +207,17 @@ class Plan(abc.ABC):
         """
         return list(self._leftovers)
 
+    def _undoing(self, run, ctx):
+        """``run(ctx)``, undoing what it made (``cleanup``) before any
+        failure propagates, as glance_store's rbd driver does in ``add()``:
+        the resources are gone before the pipeline deletes the image and
+        reports the error (its own later ``cleanup`` finds nothing)."""
+        try:
+            return run(ctx)
+        except BaseException:
+            self.cleanup()
+            raise
+
     def _remove(self, kind, ref, remove, *args):
         """One removal step of ``cleanup``: ``remove(*args)``.
 

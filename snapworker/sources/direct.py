@@ -116,12 +116,8 @@ class DirectPlan(base.Plan):
 
     def run(self, ctx):
         """Write, then register; any failure removes the RBD image here,
-        before the exception propagates (as glance_store's ``add()``)."""
-        try:
-            return self._run(ctx)
-        except BaseException:
-            self.cleanup()
-            raise
+        before the exception propagates."""
+        return self._undoing(self._run, ctx)
 
     def _run(self, ctx):
         from snapworker.sources import rbd_write

@@ -357,18 +357,9 @@ class ClonePlan(_SourceSnapshotMixin, base.Plan):
         self._handed_over = False
 
     def run(self, ctx):
-        """Clone and register; on any failure undo what was made, here.
-
-        The pipeline calls ``cleanup()`` again afterwards (idempotent),
-        but undoing before the exception propagates means the RBD objects
-        are gone before the pipeline deletes the image and reports the
-        error, as glance_store's rbd driver does in ``add()``.
-        """
-        try:
-            return self._run(ctx)
-        except BaseException:
-            self.cleanup()
-            raise
+        """Clone and register; on any failure undo what was made, here,
+        before the exception propagates."""
+        return self._undoing(self._run, ctx)
 
     def _run(self, ctx):
         src = self._source
